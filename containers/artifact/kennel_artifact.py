@@ -1,0 +1,289 @@
+"""The model artifact: the one definition that training writes and serving reads.
+
+A model directory (SageMaker's /opt/ml/model, packed as model.tar.gz) holds:
+
+    kennel.json   the manifest below: class names, preprocessing, metadata
+    model.onnx    the serving export: input  "images" float32 [N, 3, H, W]
+                                     output "logits" float32 [N, len(class_names)]
+    model.pth     the PyTorch state_dict (torchvision ResNet + head), for
+                  fine-tuning and for the original system's model definition
+
+Serving needs neither torch nor torchvision: this module depends on the
+standard library, numpy and Pillow only, and both images import it.
+
+Preprocessing is described by data (Preprocessing) and implemented once
+(Preprocessing.apply): training evaluates with exactly this function, so what
+the endpoint computes for an image is what validation and test measured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "kennel.json"
+ONNX_FILE = "model.onnx"
+WEIGHTS_FILE = "model.pth"
+ONNX_INPUT = "images"
+ONNX_OUTPUT = "logits"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# A 40-megapixel photo is far beyond any camera image a client should send to a
+# 224x224 classifier; anything larger is refused from its header, before decoding.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+_INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+                   "nearest": Image.Resampling.NEAREST}
+
+
+class ArtifactError(ValueError):
+    """The model directory is missing a file or its manifest is invalid."""
+
+
+class ImageError(ValueError):
+    """Bytes that cannot be used as an image (not an image, truncated, too large)."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Evaluation preprocessing: RGB -> resize -> optional centre crop -> [0,1] -> normalise.
+
+    resize: [height, width] squashes to exactly that size (the original system's
+    Resize((224, 224))); a single int resizes the shorter side keeping the aspect
+    ratio (torchvision's Resize(256)).
+    """
+
+    resize: int | tuple[int, int]
+    center_crop: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        resize = self.resize
+        if isinstance(resize, list):
+            object.__setattr__(self, "resize", tuple(resize))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        sizes = self.resize if isinstance(self.resize, tuple) else (self.resize,)
+        if not (1 <= len(sizes) <= 2 and all(isinstance(s, int) and s > 0 for s in sizes)):
+            raise ArtifactError(f"preprocessing.resize must be a positive int or [height, width], got {self.resize!r}")
+        if self.center_crop is not None and not (isinstance(self.center_crop, int) and self.center_crop > 0):
+            raise ArtifactError(f"preprocessing.center_crop must be a positive int or null, got {self.center_crop!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ArtifactError("preprocessing.mean and .std must hold 3 values, std all positive")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ArtifactError(f"preprocessing.interpolation must be one of {sorted(_INTERPOLATIONS)}")
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the tensor the model receives."""
+        if self.center_crop is not None:
+            return (self.center_crop, self.center_crop)
+        if isinstance(self.resize, tuple):
+            return self.resize  # type: ignore[return-value]
+        raise ArtifactError("a shorter-side resize needs a center_crop to give a fixed input size")
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize step, as torchvision computes it."""
+        if isinstance(self.resize, tuple):
+            return (self.resize[1], self.resize[0])
+        short, long_ = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize, int(self.resize * long_ / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+
+    def apply(self, image: Image.Image) -> np.ndarray:
+        """One image -> float32 array [3, H, W], ready for the model."""
+        image = image.convert("RGB")
+        size = self.resized_size(*image.size)
+        if size != image.size:
+            image = image.resize(size, _INTERPOLATIONS[self.interpolation])
+        if self.center_crop is not None:
+            crop = self.center_crop
+            width, height = image.size
+            # torchvision's center_crop rounding, so crops agree pixel for pixel.
+            top = int(round((height - crop) / 2.0))
+            left = int(round((width - crop) / 2.0))
+            if top < 0 or left < 0:
+                raise ImageError(f"image of {width}x{height} is smaller than the {crop}x{crop} crop")
+            image = image.crop((left, top, left + crop, top + crop))
+        array = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        array = (array - mean) / std
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if isinstance(self.resize, tuple):
+            data["resize"] = list(self.resize)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Preprocessing":
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ArtifactError(f"invalid preprocessing: {exc}") from None
+
+
+# New models: ImageNet normalisation with a resize-and-crop, as the backbone was trained.
+IMAGENET_EVAL = Preprocessing(resize=256, center_crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+# The original system's evaluation transform: Resize((224, 224)) squash, ToTensor, no normalisation.
+ORIGINAL_EVAL = Preprocessing(resize=(224, 224), center_crop=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+@dataclass
+class Manifest:
+    """Everything about a model except its weights. Stored as kennel.json."""
+
+    architecture: str
+    class_names: list[str]
+    preprocessing: Preprocessing
+    head: dict[str, Any] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    onnx_sha256: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.class_names or len(set(self.class_names)) != len(self.class_names):
+            raise ArtifactError("class_names must be a non-empty list of distinct names")
+        if list(self.class_names) != sorted(self.class_names):
+            # ImageFolder order: index i is the i-th folder name in sorted order.
+            raise ArtifactError("class_names must be in sorted (ImageFolder) order")
+        if self.format_version != FORMAT_VERSION:
+            raise ArtifactError(f"artifact format {self.format_version} is not supported "
+                                f"(this image reads format {FORMAT_VERSION})")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["preprocessing"] = self.preprocessing.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Manifest":
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{MANIFEST_FILE} must hold a JSON object")
+        data = dict(data)
+        try:
+            data["preprocessing"] = Preprocessing.from_json(data["preprocessing"])
+            return cls(**data)
+        except KeyError as exc:
+            raise ArtifactError(f"{MANIFEST_FILE} lacks the field {exc.args[0]!r}") from None
+        except TypeError as exc:
+            raise ArtifactError(f"{MANIFEST_FILE} is invalid: {exc}") from None
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(model_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Write kennel.json atomically (a reader never sees half a manifest)."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = model_dir / ONNX_FILE
+    if onnx_path.exists():
+        manifest.onnx_sha256 = sha256_file(onnx_path)
+    target = model_dir / MANIFEST_FILE
+    with tempfile.NamedTemporaryFile("w", dir=model_dir, prefix=".kennel.", delete=False) as tmp:
+        json.dump(manifest.to_json(), tmp, indent=2, sort_keys=True)
+        tmp.write("\n")
+    os.replace(tmp.name, target)
+    return target
+
+
+def read_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
+    path = Path(model_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found: not a kennel model directory "
+                            f"(convert an original model.pth with the training image's 'convert' command)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    return Manifest.from_json(data)
+
+
+def load(model_dir: str | os.PathLike[str], verify_checksum: bool = True) -> Manifest:
+    """Read and validate a model directory for serving; raise ArtifactError with the reason."""
+    manifest = read_manifest(model_dir)
+    onnx_path = Path(model_dir) / ONNX_FILE
+    if not onnx_path.is_file():
+        raise ArtifactError(f"{onnx_path} not found")
+    if verify_checksum and manifest.onnx_sha256 and sha256_file(onnx_path) != manifest.onnx_sha256:
+        raise ArtifactError(f"{onnx_path} does not match the checksum in {MANIFEST_FILE} (corrupt or replaced)")
+    return manifest
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> a fully decoded RGB image, or ImageError with a client-readable reason.
+
+    The pixel count is checked from the header before any pixel is decoded, so a
+    decompression bomb costs nothing.
+    """
+    if not data:
+        raise ImageError("empty image")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise ImageError("the bytes are not an image in a supported format (JPEG, PNG, ...)") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageError("image has no pixels")
+    if width * height > max_pixels:
+        raise ImageError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise ImageError("the image data is truncated or corrupt") from None
+    # RGBA, LA, P (palette, with or without transparency), L, I;16, CMYK -> RGB.
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def top_k(logits: Sequence[float], class_names: Sequence[str], k: int) -> list[dict[str, Any]]:
+    """[{"index", "breed", "probability"}] for the k most likely classes."""
+    probs = softmax(np.asarray(logits, dtype=np.float64))
+    order = np.argsort(-probs, kind="stable")[: max(1, min(k, len(class_names)))]
+    return [{"index": int(i), "breed": breed_name(class_names[i]), "class_name": class_names[i],
+             "probability": float(probs[i])} for i in order]
+
+
+def breed_name(class_name: str) -> str:
+    """'001.Affenpinscher' -> 'Affenpinscher'; 'German_shepherd_dog' -> 'German shepherd dog'."""
+    head, _, tail = class_name.partition(".")
+    name = tail if tail and head.isdigit() else class_name
+    return name.replace("_", " ")
+
