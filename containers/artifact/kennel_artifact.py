@@ -184,12 +184,12 @@ class Manifest:
     def from_json(cls, data: dict[str, Any]) -> "Manifest":
         if not isinstance(data, dict):
             raise ArtifactError(f"{MANIFEST_FILE} must hold a JSON object")
-        data = dict(data)
+        for required in ("architecture", "class_names", "preprocessing"):
+            if required not in data:
+                raise ArtifactError(f"{MANIFEST_FILE} lacks the field {required!r}")
+        data = dict(data, preprocessing=Preprocessing.from_json(data["preprocessing"]))
         try:
-            data["preprocessing"] = Preprocessing.from_json(data["preprocessing"])
             return cls(**data)
-        except KeyError as exc:
-            raise ArtifactError(f"{MANIFEST_FILE} lacks the field {exc.args[0]!r}") from None
         except TypeError as exc:
             raise ArtifactError(f"{MANIFEST_FILE} is invalid: {exc}") from None
 
@@ -250,7 +250,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageError("empty image")
     try:
         image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        # Pillow's own guard fired first (far beyond its MAX_IMAGE_PIXELS).
+        raise ImageError(f"image exceeds the limit of {max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise ImageError("the bytes are not an image in a supported format (JPEG, PNG, ...)") from None
     width, height = image.size
     if width <= 0 or height <= 0:
