@@ -1,0 +1,271 @@
+"""The handler: what it sends to InvokeEndpoint and how it answers each outcome (botocore Stubber).
+
+The same paths over real HTTP, through the local runtime, are in test_lambda_runtime.py.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import pytest
+from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+from botocore.response import StreamingBody
+from botocore.stub import Stubber
+
+import kennel_lambda
+
+ENDPOINT = "kennel-test"
+SCORES = [[0.5, -1.25, 3.0]]
+TOP = [{"index": 2, "breed": "Airedale terrier", "class_name": "003.Airedale_terrier", "probability": 0.9}]
+JPEG = b"\xff\xd8\xff\xe0" + bytes(32)
+
+
+class Context:
+    """The part of the Lambda context object the handler reads."""
+
+    def __init__(self, remaining_ms: int = 30_000) -> None:
+        self.remaining_ms = remaining_ms
+        self.aws_request_id = "test-request"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
+@pytest.fixture(autouse=True)
+def fresh_client_state(monkeypatch):
+    """Each test starts like a new execution environment."""
+    monkeypatch.setattr(kennel_lambda, "_client", None)
+    monkeypatch.setattr(kennel_lambda, "_plan", None)
+    monkeypatch.setenv("ENDPOINT_NAME", ENDPOINT)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    client = kennel_lambda._session.create_client("sagemaker-runtime", region_name="us-east-1")
+    monkeypatch.setattr(kennel_lambda, "_client", client)
+    with Stubber(client) as stubber:
+        yield stubber
+        stubber.assert_no_pending_responses()
+
+
+def ok_response(payload) -> dict:
+    data = json.dumps(payload).encode()
+    return {"Body": StreamingBody(io.BytesIO(data), len(data)), "ContentType": "application/json"}
+
+
+def body_of(response: dict):
+    assert response["headers"]["Content-Type"] == "application/json"
+    return json.loads(response["body"])
+
+
+# -- success ------------------------------------------------------------------------------
+
+def test_url_event_returns_the_endpoints_scores_unchanged(stub):
+    stub.add_response("invoke_endpoint", ok_response(SCORES), {
+        "EndpointName": ENDPOINT, "Body": json.dumps({"url": "https://example.com/a.jpg"}).encode(),
+        "ContentType": "application/json", "Accept": "application/json"})
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 200
+    assert body_of(response) == SCORES
+
+
+def test_top_k_is_asked_of_the_endpoint_with_custom_attributes(stub):
+    stub.add_response("invoke_endpoint", ok_response(TOP), {
+        "EndpointName": ENDPOINT, "Body": JPEG, "ContentType": "image/jpeg", "Accept": "application/json",
+        "CustomAttributes": "top_k=3"})
+    event = {"image": base64.b64encode(JPEG).decode(), "top_k": 3}
+    response = kennel_lambda.handler(event, Context())
+    assert response["statusCode"] == 200 and body_of(response) == TOP
+
+
+def test_function_url_event_with_raw_image(stub):
+    stub.add_response("invoke_endpoint", ok_response(SCORES), {
+        "EndpointName": ENDPOINT, "Body": JPEG, "ContentType": "image/jpeg", "Accept": "application/json"})
+    event = {"version": "2.0", "requestContext": {"http": {"method": "POST"}},
+             "headers": {"content-type": "image/jpeg"}, "body": base64.b64encode(JPEG).decode(),
+             "isBase64Encoded": True}
+    assert body_of(kennel_lambda.handler(event, Context())) == SCORES
+
+
+def test_the_answer_body_is_the_endpoints_text_byte_for_byte(stub):
+    text = '[[1.0000001, -2e-05]]'
+    stub.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(text.encode()), len(text)),
+                                          "ContentType": "application/json"})
+    assert kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())["body"] == text
+
+
+# -- bad events and configuration ------------------------------------------------------------
+
+def test_bad_event_is_400_and_the_endpoint_is_not_called(stub):
+    response = kennel_lambda.handler({"picture": "x"}, Context())
+    assert response["statusCode"] == 400
+    assert "exactly one of" in body_of(response)["error"]
+
+
+def test_missing_endpoint_name_is_a_configuration_error(monkeypatch):
+    monkeypatch.delenv("ENDPOINT_NAME")
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 500
+    assert "ENDPOINT_NAME" in body_of(response)["error"]
+
+
+def test_invalid_endpoint_name_is_a_configuration_error(monkeypatch):
+    monkeypatch.setenv("ENDPOINT_NAME", "arn:aws:sagemaker:us-east-1:1:endpoint/x")
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 500 and "not a SageMaker endpoint name" in body_of(response)["error"]
+
+
+def test_missing_region_is_a_configuration_error(monkeypatch):
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 500 and "region" in body_of(response)["error"]
+
+
+def test_unexpected_failure_is_answered_not_raised(monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise KeyError("surprise")
+    monkeypatch.setattr(kennel_lambda, "invoke", broken)
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 500
+    assert body_of(response) == {"error": "internal error in the function"}
+
+
+# -- endpoint failures ------------------------------------------------------------------------
+
+def model_error(stub, status: int, original: str, message: str | None = None) -> None:
+    stub.add_client_error("invoke_endpoint", service_error_code="ModelError", http_status_code=424,
+                          service_message=message or f'Received client error ({status}) from primary with message '
+                                                     f'"{original}". See the log group for more information.',
+                          modeled_fields={"OriginalStatusCode": status, "OriginalMessage": original})
+
+
+@pytest.mark.parametrize("status", [400, 413, 415, 422])
+def test_the_models_own_4xx_is_passed_on_with_its_message(stub, status):
+    model_error(stub, status, json.dumps({"error": "the bytes are not an image in a supported format"}))
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == status
+    assert body_of(response) == {"error": "the bytes are not an image in a supported format"}
+
+
+def test_a_plain_text_model_message_is_passed_on_short(stub):
+    model_error(stub, 400, "x" * 5000)
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 400 and body_of(response)["error"] == "x" * 500
+
+
+def test_the_models_5xx_is_502_without_its_traceback(stub):
+    model_error(stub, 500, "Traceback (most recent call last): secret internals")
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 502
+    assert "Traceback" not in response["body"] and body_of(response)["error"] == "the model failed (500)"
+
+
+def test_a_container_timeout_is_504(stub):
+    model_error(stub, 0, "", message='Received server error (0) from primary with message "Your invocation '
+                                     'timed out while waiting for a response from container primary."')
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 504
+
+
+@pytest.mark.parametrize("code, http_status", [("ThrottlingException", 400), ("ModelNotReadyException", 429),
+                                               ("ServiceUnavailable", 503)])
+def test_throttling_and_not_ready_are_503_with_retry_after(stub, code, http_status):
+    stub.add_client_error("invoke_endpoint", service_error_code=code, http_status_code=http_status,
+                          service_message="slow down")
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 503 and response["headers"]["Retry-After"] == "1"
+
+
+def test_missing_endpoint_is_502_naming_it(stub):
+    stub.add_client_error("invoke_endpoint", service_error_code="ValidationError", http_status_code=400,
+                          service_message=f"Endpoint {ENDPOINT} of account 123456789012 not found.")
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 502 and ENDPOINT in body_of(response)["error"]
+
+
+@pytest.mark.parametrize("code, http_status", [("InternalFailure", 500), ("InternalDependencyException", 530)])
+def test_runtime_5xx_is_502(stub, code, http_status):
+    stub.add_client_error("invoke_endpoint", service_error_code=code, http_status_code=http_status)
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 502 and code in body_of(response)["error"]
+
+
+def test_access_denied_is_a_configuration_error(stub):
+    stub.add_client_error("invoke_endpoint", service_error_code="AccessDeniedException", http_status_code=403,
+                          service_message="not authorized to perform: sagemaker:InvokeEndpoint")
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 500 and "may not invoke" in body_of(response)["error"]
+
+
+def test_a_non_json_answer_is_502(stub):
+    stub.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(b"<html>"), 6), "ContentType": "text/html"})
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 502 and "not JSON" in body_of(response)["error"]
+
+
+@pytest.mark.parametrize("error, status", [
+    (ReadTimeoutError(endpoint_url="http://runtime"), 504),
+    (ConnectTimeoutError(endpoint_url="http://runtime"), 504),
+    (EndpointConnectionError(endpoint_url="http://runtime"), 502),
+])
+def test_transport_failures(monkeypatch, error, status):
+    class FailingClient:
+        def invoke_endpoint(self, **_kwargs):
+            raise error
+    monkeypatch.setattr(kennel_lambda, "_client", FailingClient())
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == status and "error" in body_of(response)
+
+
+# -- client and timeouts ----------------------------------------------------------------------
+
+def test_client_is_created_once_per_execution_environment():
+    first = kennel_lambda.runtime_client(29.0)
+    assert kennel_lambda.runtime_client(5.0) is first
+
+
+def test_client_timeouts_fit_the_functions_remaining_time():
+    client = kennel_lambda.runtime_client(kennel_lambda.budget_seconds(Context(30_000)))
+    config = client.meta.config
+    worst_case = config.retries["total_max_attempts"] * (config.connect_timeout + config.read_timeout) + 3
+    assert config.retries["mode"] == "standard"
+    assert worst_case <= 30
+
+
+@pytest.mark.parametrize("remaining_s", [1, 3, 6, 10, 30, 60, 300, 900])
+def test_timeout_plan_worst_case_fits_inside_the_budget(remaining_s):
+    budget = kennel_lambda.budget_seconds(Context(remaining_s * 1000))
+    plan = kennel_lambda.TimeoutPlan.for_budget(budget)
+    backoff = 2 ** (plan.attempts - 1) - 1
+    assert budget < remaining_s
+    assert plan.attempts * plan.attempt_s + backoff <= budget + 1e-6
+    assert plan.read_s <= kennel_lambda.MAX_READ_TIMEOUT_S
+    assert 1 <= plan.attempts <= kennel_lambda.MAX_ATTEMPTS
+
+
+def test_default_three_second_function_gets_one_attempt_with_most_of_the_time():
+    plan = kennel_lambda.TimeoutPlan.for_budget(kennel_lambda.budget_seconds(Context(3000)))
+    assert plan.attempts == 1 and 2.0 <= plan.read_s < 3.0
+
+
+def test_without_a_context_the_local_budget_applies():
+    assert kennel_lambda.budget_seconds(None) < kennel_lambda.LOCAL_BUDGET_S
+
+
+def test_every_answer_is_logged_without_the_payload(stub, caplog):
+    stub.add_response("invoke_endpoint", ok_response(SCORES))
+    secret = base64.b64encode(JPEG + b"secret-pixels").decode()
+    with caplog.at_level("INFO", logger="kennel_lambda"):
+        started = time.monotonic()
+        kennel_lambda.handler({"image": secret}, Context())
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith("{")]
+    assert lines[-1]["status"] == 200 and lines[-1]["source"] == "image"
+    assert 0 <= lines[-1]["ms"] <= (time.monotonic() - started) * 1000 + 1
+    assert secret not in caplog.text
