@@ -7,8 +7,17 @@ VENV := .venv
 EXTRA_CA_BUNDLE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
 export DOCKER_BUILDKIT := 0
 PY := $(VENV)/bin/python
+COMPOSE ?= docker compose
+TRAIN_IMAGE ?= kennel-train:latest
+SERVE_IMAGE ?= kennel-serve:latest
+# Empty: PyPI's torch (CPU and GPU). https://download.pytorch.org/whl/cpu: the slim CPU-only image.
+TORCH_INDEX_URL ?=
+# Containers started by make write files as the person running make.
+AS_ME := KENNEL_UID=$(shell id -u) KENNEL_GID=$(shell id -g)
+# Host dataset for `make train` (compose mounts it read-only); empty: the bundled sample.
+KENNEL_DATA_DIR ?=
 
-.PHONY: help setup venv build-ca test test-host
+.PHONY: help setup venv build-ca test test-host images image-train image-serve train sample data demo clean
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
@@ -23,8 +32,45 @@ $(VENV)/.installed: requirements-dev.lock
 	touch $@
 
 build-ca: ## copy EXTRA_CA_BUNDLE into the build context (empty file when unset)
-	@if [ -n "$(EXTRA_CA_BUNDLE)" ]; then cp "$(EXTRA_CA_BUNDLE)" containers/build-ca/extra-ca.crt; \
+	@if [ -n "$(EXTRA_CA_BUNDLE)" ]; then cmp -s "$(EXTRA_CA_BUNDLE)" containers/build-ca/extra-ca.crt \
+	  || cp "$(EXTRA_CA_BUNDLE)" containers/build-ca/extra-ca.crt; \
 	else : > containers/build-ca/extra-ca.crt; fi
+
+images: image-train image-serve ## build both images
+
+image-train: build-ca ## build kennel-train (TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu: slim CPU-only)
+	docker build -f containers/train/Dockerfile -t $(TRAIN_IMAGE) \
+	  $(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)) .
+
+image-serve: build-ca ## build kennel-serve
+	docker build -f containers/serve/Dockerfile -t $(SERVE_IMAGE) .
+
+train: image-train ## train with docker compose (KENNEL_DATA_DIR=path/to/dogImages; default: the bundled sample)
+	mkdir -p model output checkpoints
+	$(AS_ME) $(if $(KENNEL_DATA_DIR),KENNEL_DATA_DIR=$(abspath $(KENNEL_DATA_DIR))) \
+	  KENNEL_TRAIN_IMAGE=$(TRAIN_IMAGE) $(COMPOSE) run --rm train
+
+sample: image-train ## write the bundled sample dataset to data/sample (generated, no download)
+	mkdir -p data/sample
+	docker run --rm $(AS_ME:%=-e %) -v "$(CURDIR)/data/sample:/sample" $(TRAIN_IMAGE) sample /sample
+
+data: venv ## download dogImages to data/dogImages and check it (133 breeds, 6680/835/836 images)
+	$(PY) scripts/download_data.py --dest data
+
+demo: images ## train on the bundled sample, serve the model, classify one sample image
+	$(MAKE) --no-print-directory train sample
+	$(COMPOSE) up -d serve
+	@addr=$$($(COMPOSE) port serve 8080); trap '$(COMPOSE) rm -sf serve >/dev/null 2>&1' EXIT; \
+	echo "waiting for http://$$addr/ping"; \
+	for _ in $$(seq 180); do curl -fsS -o /dev/null "http://$$addr/ping" 2>/dev/null && break; sleep 1; done; \
+	curl -fsS -o /dev/null "http://$$addr/ping" || { $(COMPOSE) logs --tail 30 serve; exit 1; }; \
+	image=$$(ls data/sample/test/*/*.jpg | head -n 1); echo "POST $$image"; \
+	curl -fsS -H 'Content-Type: image/jpeg' -H 'Accept: application/json' --data-binary "@$$image" \
+	  "http://$$addr/invocations"; echo
+
+clean: ## remove model/ output/ checkpoints/ data/sample and the compose containers and sample volume
+	$(COMPOSE) down --volumes --remove-orphans
+	rm -rf model output checkpoints data/sample
 
 test: venv ## the whole suite: unit, contract, containers (real engine), aws (moto + local registry)
 	$(PY) -m pytest tests
