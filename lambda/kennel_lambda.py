@@ -152,6 +152,8 @@ def _refuse_late_retry(request: Any, **_: Any) -> None:
 def _note_failure(parsed_response: Any = None, exception: Any = None, **_: Any) -> None:
     """Remember why the latest attempt failed, for the answer when no retry is left."""
     global _last_error_code
+    if isinstance(exception, DeadlineReached):
+        return  # the refused retry itself: keep the failure that asked for it
     if exception is not None:
         _last_error_code = type(exception).__name__
     elif isinstance(parsed_response, dict) and "Error" in parsed_response:

@@ -71,7 +71,8 @@ class LocalRuntime:
         return f"http://{host}:{port}"
 
     def start(self) -> "LocalRuntime":
-        self._thread = threading.Thread(target=self._server.serve_forever, name="local-runtime", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="local-runtime", daemon=True)
         self._thread.start()
         return self
 
