@@ -18,6 +18,7 @@ AS_ME := KENNEL_UID=$(shell id -u) KENNEL_GID=$(shell id -g)
 KENNEL_DATA_DIR ?=
 
 .PHONY: help setup venv build-ca test test-host images image-train image-serve train sample data demo clean
+.PHONY: loadtest
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
@@ -71,6 +72,12 @@ demo: images ## train on the bundled sample, serve the model, classify one sampl
 clean: ## remove model/ output/ checkpoints/ data/sample and the compose containers and sample volume
 	$(COMPOSE) down --volumes --remove-orphans
 	rm -rf model output checkpoints data/sample
+
+# Extra flags for scripts/loadtest.py, e.g. LOADTEST_ARGS='--workers 1,2 --threads 1,2'
+# (sweep) or LOADTEST_ARGS='--url http://127.0.0.1:8080/invocations' (a running endpoint).
+LOADTEST_ARGS ?=
+loadtest: venv $(if $(findstring --url,$(LOADTEST_ARGS)),,image-serve) ## load-test serve on ./model: max requests/s, latency per step, auto-scaling target (LOADTEST_ARGS=...)
+	KENNEL_SERVE_IMAGE=$(SERVE_IMAGE) $(PY) scripts/loadtest.py $(LOADTEST_ARGS)
 
 test: venv ## the whole suite: unit, contract, containers (real engine), aws (moto + local registry)
 	$(PY) -m pytest tests
