@@ -16,8 +16,10 @@ TORCH_INDEX_URL ?=
 AS_ME := KENNEL_UID=$(shell id -u) KENNEL_GID=$(shell id -g)
 # Host dataset for `make train` (compose mounts it read-only); empty: the bundled sample.
 KENNEL_DATA_DIR ?=
+# The Lambda deployment package (scripts/build_lambda_zip.py; the AWS deploy reads it here).
+LAMBDA_ZIP ?= build/lambda.zip
 
-.PHONY: help setup venv build-ca test test-host images image-train image-serve train sample data demo clean
+.PHONY: help setup venv build-ca test test-host images image-train image-serve train sample data demo clean lambda-zip
 .PHONY: loadtest
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -78,6 +80,9 @@ clean: ## remove model/ output/ checkpoints/ data/sample and the compose contain
 LOADTEST_ARGS ?=
 loadtest: venv $(if $(findstring --url,$(LOADTEST_ARGS)),,image-serve) ## load-test serve on ./model: max requests/s, latency per step, auto-scaling target (LOADTEST_ARGS=...)
 	KENNEL_SERVE_IMAGE=$(SERVE_IMAGE) $(PY) scripts/loadtest.py $(LOADTEST_ARGS)
+
+lambda-zip: ## build/lambda.zip (LAMBDA_ZIP=...): the Lambda package, handler kennel_lambda.handler, same bytes every build
+	$(PYTHON) scripts/build_lambda_zip.py $(LAMBDA_ZIP)
 
 test: venv ## the whole suite: unit, contract, containers (real engine), aws (moto + local registry)
 	$(PY) -m pytest tests

@@ -106,11 +106,25 @@ def budget_seconds(context: Any) -> float:
     return max(0.1, remaining - margin)
 
 
-# One botocore session per execution environment, created while the module is
-# imported (Lambda's init phase, which provisioned concurrency runs ahead of
-# traffic); the client is created at the first invocation, when the function's
-# time limit is known, and then reused.
+# One botocore session per execution environment. The client is created at the
+# first invocation, when the function's time limit is known, and then reused.
 _session = botocore.session.get_session()
+
+
+def _load_client_data() -> None:
+    """Load what creating a client reads from disk (service model, endpoint rules,
+    partitions) while the module is imported: Lambda's init phase, which runs with
+    a CPU boost and, under provisioned concurrency, before any request. The
+    client made here is thrown away; explicit dummy credentials keep the lookup
+    of real ones (and any network call) out of it."""
+    try:
+        _session.create_client("sagemaker-runtime", region_name="us-east-1",
+                               aws_access_key_id="init", aws_secret_access_key="init")
+    except Exception:  # only an optimisation: the first call then loads the data itself
+        log.warning("client data not preloaded", exc_info=True)
+
+
+_load_client_data()
 _client: Any = None
 _plan: TimeoutPlan | None = None
 _deadline = math.inf  # time.monotonic() by which the current invocation must have answered

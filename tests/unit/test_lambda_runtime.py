@@ -31,6 +31,8 @@ class FakeContainer:
         container = self
 
         class Handler(BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True
+
             def log_message(self, *_args) -> None:
                 pass
 
