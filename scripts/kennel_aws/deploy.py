@@ -1,0 +1,195 @@
+"""Deploy a trained model to the real-time endpoint NAME with the kennel-serve image.
+
+Model and endpoint config are immutable in SageMaker, so their names carry a
+digest of their content: deploying the same inputs again changes nothing, and
+different inputs (a new model, image, instance type ...) make a NEW model and
+config and then update the endpoint in place (UpdateEndpoint, no downtime;
+SageMaker rolls back by itself when the new variant fails its health check).
+When auto-scaling is registered, the update keeps the current instance count.
+
+Model data: --model-data S3URI, or --training-job NAME, or by default the
+newest completed training job of this deployment (tuning trials included).
+"""
+from __future__ import annotations
+
+import argparse
+
+from kennel_aws.context import Aws, CliError, describe_or_none
+from kennel_aws.ecr import newest_image_uri
+from kennel_aws.names import VARIANT, Names
+from kennel_aws.s3 import parse_s3_uri
+from kennel_aws.training import csv_list, key_value, resolve_role
+from kennel_aws.waiting import Poll, wait_for
+
+COMMAND = "deploy"
+HELP = "create or update the endpoint NAME (model + endpoint config) and wait until InService"
+SETTLING = {"Creating", "Updating", "SystemUpdating", "RollingBack"}
+FAILED = {"Failed", "OutOfService", "UpdateRollbackFailed"}
+
+
+def timeout_s(text: str) -> int:
+    value = int(text)
+    if not 60 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"between 60 and 3600 seconds, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--image", help="serving image URI (default: the newest image in ECR NAME-serve)")
+    source = model.add_mutually_exclusive_group()
+    source.add_argument("--model-data", help="s3://.../model.tar.gz")
+    source.add_argument("--training-job", help="use this training job's model.tar.gz")
+    model.add_argument("--role-arn", help="execution role (default: NAME-sagemaker, made by the role command)")
+    model.add_argument("--env", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                       help="environment variable of the serving container (repeatable)")
+    model.add_argument("--subnets", type=csv_list, metavar="ID[,ID]", help="run the endpoint in these VPC subnets")
+    model.add_argument("--security-groups", type=csv_list, metavar="ID[,ID]", help="with --subnets")
+    model.add_argument("--network-isolation", action="store_true", help="no network access from the container")
+    endpoint = parser.add_argument_group("endpoint")
+    endpoint.add_argument("--instance-type", default="ml.m5.large", help="(%(default)s, as the original)")
+    endpoint.add_argument("--instance-count", type=int, default=1, help="initial instances (%(default)s)")
+    endpoint.add_argument("--startup-timeout", type=timeout_s, default=600, metavar="SECONDS",
+                          help="ContainerStartupHealthCheckTimeoutInSeconds, 60-3600 (%(default)s)")
+    endpoint.add_argument("--download-timeout", type=timeout_s, default=600, metavar="SECONDS",
+                          help="ModelDataDownloadTimeoutInSeconds, 60-3600 (%(default)s)")
+    wait = parser.add_argument_group("waiting")
+    wait.add_argument("--no-wait", action="store_true", help="return once the request is accepted")
+    wait.add_argument("--poll-seconds", type=float, default=20.0, help="status poll interval (%(default)s)")
+    wait.add_argument("--wait-minutes", type=float, default=60.0, help="give up waiting after (%(default)s)")
+
+
+def resolve_model_data(aws: Aws, args: argparse.Namespace, names: Names) -> str:
+    if args.model_data:
+        try:
+            uri = parse_s3_uri(args.model_data)
+        except ValueError as error:
+            raise CliError(f"--model-data: {error}") from None
+        if not uri.key_prefix.endswith(".tar.gz"):
+            raise CliError(f"--model-data must name a model.tar.gz, got {args.model_data}")
+        return args.model_data
+    sagemaker = aws.client("sagemaker")
+    job_name = args.training_job or newest_completed_job(aws, names)
+    job = describe_or_none(sagemaker.describe_training_job, TrainingJobName=job_name)
+    if job is None:
+        raise CliError(f"no training job {job_name}")
+    if job["TrainingJobStatus"] != "Completed":
+        raise CliError(f"training job {job_name} is {job['TrainingJobStatus']}, not Completed: nothing to deploy")
+    aws.console.note(f"model from training job {job_name}")
+    return job["ModelArtifacts"]["S3ModelArtifacts"]
+
+
+def newest_completed_job(aws: Aws, names: Names) -> str:
+    paginator = aws.client("sagemaker").get_paginator("list_training_jobs")
+    for page in paginator.paginate(NameContains=names.base, StatusEquals="Completed",
+                                   SortBy="CreationTime", SortOrder="Descending"):
+        for summary in page["TrainingJobSummaries"]:
+            if summary["TrainingJobName"].startswith(f"{names.base}-"):
+                return summary["TrainingJobName"]
+    raise CliError(f"no completed training job named {names.base}-...: pass --model-data or --training-job")
+
+
+def model_request(aws: Aws, args: argparse.Namespace, names: Names) -> dict:
+    if bool(args.subnets) != bool(args.security_groups):
+        raise CliError("--subnets and --security-groups go together")
+    image = args.image or newest_image_uri(aws, names.serve_repository)
+    container = {"Image": image, "ModelDataUrl": resolve_model_data(aws, args, names), "Mode": "SingleModel",
+                 "Environment": dict(args.env)}
+    content = {"PrimaryContainer": container, "ExecutionRoleArn": resolve_role(aws, args, names),
+               "EnableNetworkIsolation": args.network_isolation}
+    if args.subnets:
+        content["VpcConfig"] = {"Subnets": args.subnets, "SecurityGroupIds": args.security_groups}
+    return {"ModelName": names.model(content), **content, "Tags": aws.tag_list()}
+
+
+def config_request(aws: Aws, args: argparse.Namespace, names: Names, model_name: str) -> dict:
+    if args.instance_count < 1:
+        raise CliError("--instance-count must be at least 1")
+    variants = [{"VariantName": VARIANT, "ModelName": model_name, "InstanceType": args.instance_type,
+                 "InitialInstanceCount": args.instance_count, "InitialVariantWeight": 1.0,
+                 "ContainerStartupHealthCheckTimeoutInSeconds": args.startup_timeout,
+                 "ModelDataDownloadTimeoutInSeconds": args.download_timeout}]
+    return {"EndpointConfigName": names.endpoint_config(variants), "ProductionVariants": variants,
+            "Tags": aws.tag_list()}
+
+
+def ensure_model(aws: Aws, request: dict) -> None:
+    name = request["ModelName"]
+    if describe_or_none(aws.client("sagemaker").describe_model, ModelName=name):
+        aws.console.note(f"model {name}: exists (same content)")
+    else:
+        aws.send("sagemaker", "create_model", **request)
+        aws.console.note(f"model {name}: created")
+
+
+def ensure_endpoint_config(aws: Aws, request: dict) -> None:
+    name = request["EndpointConfigName"]
+    if describe_or_none(aws.client("sagemaker").describe_endpoint_config, EndpointConfigName=name):
+        aws.console.note(f"endpoint config {name}: exists (same content)")
+    else:
+        aws.send("sagemaker", "create_endpoint_config", **request)
+        aws.console.note(f"endpoint config {name}: created")
+
+
+def has_scalable_target(aws: Aws, names: Names) -> bool:
+    response = aws.client("application-autoscaling").describe_scalable_targets(
+        ServiceNamespace="sagemaker", ResourceIds=[names.scaling_resource_id],
+        ScalableDimension="sagemaker:variant:DesiredInstanceCount")
+    return bool(response["ScalableTargets"])
+
+
+def refuse_instance_type_change(aws: Aws, current_config: str, instance_type: str) -> None:
+    """Application Auto Scaling fails an update that changes an auto-scaled variant's instance type."""
+    current = aws.client("sagemaker").describe_endpoint_config(EndpointConfigName=current_config)
+    current_type = current["ProductionVariants"][0]["InstanceType"]
+    if current_type != instance_type:
+        raise CliError(f"the endpoint is auto-scaled on {current_type}: to move to {instance_type}, run "
+                       "`aws.py autoscale --remove`, deploy, then `aws.py autoscale` again")
+
+
+def run(args: argparse.Namespace) -> None:
+    aws = Aws.from_args(args)
+    names = Names(args.name)
+    sagemaker = aws.client("sagemaker")
+    model = model_request(aws, args, names)
+    config = config_request(aws, args, names, model["ModelName"])
+    ensure_model(aws, model)
+    ensure_endpoint_config(aws, config)
+    endpoint = describe_or_none(sagemaker.describe_endpoint, EndpointName=names.endpoint)
+    config_name = config["EndpointConfigName"]
+    poll = Poll(interval_s=args.poll_seconds, timeout_s=args.wait_minutes * 60)
+    if endpoint is None:
+        aws.send("sagemaker", "create_endpoint", EndpointName=names.endpoint, EndpointConfigName=config_name,
+                 Tags=aws.tag_list())
+        aws.console.note(f"endpoint {names.endpoint}: creating with {config_name}")
+    elif endpoint["EndpointStatus"] in FAILED:
+        raise CliError(f"endpoint {names.endpoint} is {endpoint['EndpointStatus']} "
+                       f"({endpoint.get('FailureReason', 'no reason given')}): "
+                       "delete it (aws.py teardown) and deploy again")
+    elif endpoint["EndpointConfigName"] == config_name:
+        aws.console.note(f"endpoint {names.endpoint}: already on {config_name}")
+    else:
+        if endpoint["EndpointStatus"] in SETTLING and not aws.dry_run:
+            wait_in_service(aws, names, poll)  # UpdateEndpoint is refused while an update runs
+        retain = has_scalable_target(aws, names)
+        if retain:
+            refuse_instance_type_change(aws, endpoint["EndpointConfigName"], args.instance_type)
+        aws.send("sagemaker", "update_endpoint", EndpointName=names.endpoint, EndpointConfigName=config_name,
+                 RetainAllVariantProperties=retain)
+        aws.console.note(f"endpoint {names.endpoint}: updating from {endpoint['EndpointConfigName']} to {config_name}"
+                         + (" (keeping the auto-scaled instance count)" if retain else ""))
+    if not (aws.dry_run or args.no_wait):
+        final = wait_in_service(aws, names, poll)
+        if final["EndpointConfigName"] != config_name:
+            raise CliError(f"endpoint {names.endpoint} rolled back to {final['EndpointConfigName']}: "
+                           f"{final.get('FailureReason', 'the new variant did not become healthy')}")
+    aws.console.result(f"endpoint {names.endpoint} {aws.arn('sagemaker', 'endpoint/' + names.endpoint.lower())}")
+    aws.console.result(f"config {config_name}")
+    aws.console.result(f"model {model['ModelName']}")
+
+
+def wait_in_service(aws: Aws, names: Names, poll: Poll) -> dict:
+    return wait_for(f"endpoint {names.endpoint}",
+                    lambda: aws.client("sagemaker").describe_endpoint(EndpointName=names.endpoint),
+                    status=lambda d: d["EndpointStatus"], done={"InService"}, failed=FAILED,
+                    reason=lambda d: d.get("FailureReason", ""), console=aws.console, poll=poll)
