@@ -213,6 +213,8 @@ def write_manifest(model_dir: str | os.PathLike[str], manifest: Manifest) -> Pat
     with tempfile.NamedTemporaryFile("w", dir=model_dir, prefix=".kennel.", delete=False) as tmp:
         json.dump(manifest.to_json(), tmp, indent=2, sort_keys=True)
         tmp.write("\n")
+    # NamedTemporaryFile creates 0600: the serving image reads the model as another user.
+    os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, target)
     return target
 
