@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import uuid
@@ -23,6 +24,8 @@ SERVICE = "serve"
 WORKERS_VARIABLE = "SAGEMAKER_MODEL_SERVER_WORKERS"
 THREADS_VARIABLE = "KENNEL_ORT_THREADS"  # ONNX Runtime intra-op threads per worker (containers/serve)
 MODEL_DIR_VARIABLE = "KENNEL_MODEL_DIR"  # compose.yaml mounts it at /opt/ml/model
+# kennel_serve.launcher logs "ready: http://0.0.0.0:8080, 2 worker(s) x 1 engine thread(s), ..."
+READY_LINE = re.compile(r"ready: \S+ (?P<workers>\d+) worker\(s\) x (?P<threads>\d+) engine thread\(s\)")
 
 
 class ServingError(RuntimeError):
@@ -49,28 +52,17 @@ class ServingContainer:
         return result.stdout + result.stderr
 
     def effective_layout(self) -> dict[str, int] | None:
-        """The workers x threads the server chose, from its start-up log line (None if not found)."""
+        """The workers x engine threads the server chose, from its "ready:" log line (None if absent)."""
         for line in self.logs(tail=400).splitlines():
-            if "workers" in line and "threads" in line:
-                numbers = _layout_from(line)
-                if numbers:
-                    return numbers
+            match = READY_LINE.search(line)
+            if match:
+                return {"workers": int(match["workers"]), "threads": int(match["threads"])}
         return None
 
     def stop(self, timeout_s: int = 30) -> None:
         subprocess.run(["docker", "stop", "--time", str(timeout_s), self.name], capture_output=True,
                        timeout=timeout_s + 60)
         subprocess.run(["docker", "rm", "--force", self.name], capture_output=True, timeout=60)
-
-
-def _layout_from(line: str) -> dict[str, int] | None:
-    import re
-    workers = re.search(r"(\d+)\s+workers?|workers?[=: ]+(\d+)", line)
-    threads = re.search(r"(\d+)\s+(?:engine |ORT |onnxruntime )?threads?|threads?[=: ]+(\d+)", line)
-    if not (workers and threads):
-        return None
-    pick = lambda m: int(next(g for g in m.groups() if g))  # noqa: E731
-    return {"workers": pick(workers), "threads": pick(threads)}
 
 
 def compose_command(*args: str, compose_file: Path | None = None) -> list[str]:
