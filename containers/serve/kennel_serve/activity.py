@@ -1,0 +1,80 @@
+"""What MMS's Python workers tell the launcher, through small files in the state dir.
+
+- workers/<pid>: "1" while that worker handles a request, "0" when idle. On SIGTERM
+  the launcher waits until every live worker has been idle for a moment (the JVM
+  hands a queued request to an idle worker within milliseconds) before it stops MMS,
+  so requests in flight finish instead of being cut off.
+- failed: one line, written by a worker whose model failed to load; the launcher then
+  stops with that line instead of MMS retrying the load forever.
+
+Writes are best effort: a request never fails because its busy flag could not be set.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+WORKERS_DIR = "workers"
+FAILURE_FILE = "failed"
+DRAINING_FILE = "draining"  # read by the MMS /ping plugin (mms-plugin/PingEndpoint.java)
+
+
+class WorkerActivity:
+    def __init__(self, state_dir: Path):
+        self._dir = Path(state_dir) / WORKERS_DIR
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def _descriptor(self) -> int | None:
+        if self._pid != os.getpid():  # MMS forks workers: each keeps its own file
+            self._pid, self._fd = os.getpid(), None
+            try:
+                self._dir.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self._dir / str(self._pid), os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                self._fd = None
+        return self._fd
+
+    def _set(self, flag: bytes) -> None:
+        fd = self._descriptor()
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.pwrite(fd, flag, 0)
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        self._set(b"1")
+        try:
+            yield
+        finally:
+            self._set(b"0")
+
+
+def busy_workers(state_dir: Path) -> int:
+    """How many live workers are handling a request right now."""
+    busy = 0
+    for path in (Path(state_dir) / WORKERS_DIR).glob("*"):
+        try:
+            pid = int(path.name)
+            os.kill(pid, 0)
+            busy += path.read_bytes()[:1] == b"1"
+        except (ValueError, OSError):
+            continue  # not a worker file, or its worker is gone
+    return busy
+
+
+def report_failure(state_dir: Path, line: str) -> None:
+    path = Path(state_dir) / FAILURE_FILE
+    with contextlib.suppress(OSError):
+        tmp = path.with_name(f".{FAILURE_FILE}.{os.getpid()}")
+        tmp.write_text(line.strip() + "\n")
+        os.replace(tmp, path)
+
+
+def read_failure(state_dir: Path) -> str | None:
+    try:
+        return (Path(state_dir) / FAILURE_FILE).read_text().strip() or None
+    except OSError:
+        return None

@@ -1,0 +1,120 @@
+"""The loaded model: the artifact's manifest plus an ONNX Runtime session.
+
+No torch here: the artifact's model.onnx runs on ONNX Runtime, and its
+preprocessing is the manifest's Preprocessing.apply, the same function training
+evaluated with.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+import kennel_artifact
+from kennel_artifact import ArtifactError, Manifest
+
+log = logging.getLogger(__name__)
+
+# Errors only: ORT's warnings about graph rewrites are noise in a serving log, and a
+# failed load is reported once, by ArtifactError.
+ort.set_default_logger_severity(3)
+
+
+def session_options(threads: int, spinning: bool) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # One operator at a time: a CNN is a chain; parallelism lives inside each operator.
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle pool threads spin for a while before sleeping: lower latency for one worker,
+    # stolen CPU when several workers share the cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3
+    return options
+
+
+def providers() -> list[str]:
+    """CUDA when the installed ONNX Runtime has it (a GPU build of the image), else CPU."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class KennelModel:
+    """What model_fn returns: predict(images) -> logits [N, num_classes] in class order."""
+
+    def __init__(self, manifest: Manifest, session: ort.InferenceSession, model_dir: Path):
+        self.manifest = manifest
+        self.session = session
+        self.model_dir = model_dir
+        self._check_signature()
+
+    @classmethod
+    def load(cls, model_dir: str | Path, threads: int = 1, spinning: bool = False) -> "KennelModel":
+        model_dir = Path(model_dir)
+        manifest = kennel_artifact.load(model_dir)
+        onnx_path = model_dir / kennel_artifact.ONNX_FILE
+        try:
+            session = ort.InferenceSession(str(onnx_path), session_options(threads, spinning), providers=providers())
+        except Exception as exc:  # ORT raises its own exception types for every way a file can be bad
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"{onnx_path} cannot be loaded by ONNX Runtime: {reason}") from None
+        return cls(manifest, session, model_dir)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.manifest.class_names
+
+    def _check_signature(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        onnx_path = self.model_dir / kennel_artifact.ONNX_FILE
+        if kennel_artifact.ONNX_INPUT not in inputs or kennel_artifact.ONNX_OUTPUT not in outputs:
+            raise ArtifactError(f"{onnx_path} must have the input {kennel_artifact.ONNX_INPUT!r} and the output "
+                                f"{kennel_artifact.ONNX_OUTPUT!r}, has {sorted(inputs)} -> {sorted(outputs)}")
+        shape = inputs[kennel_artifact.ONNX_INPUT].shape
+        height, width = self.manifest.preprocessing.input_size
+        if len(shape) != 4 or any(isinstance(d, int) and d != want for d, want in zip(shape[1:], (3, height, width))):
+            raise ArtifactError(f"{onnx_path} expects input of shape {shape}, but the manifest's preprocessing "
+                                f"gives [N, 3, {height}, {width}]")
+        classes = outputs[kennel_artifact.ONNX_OUTPUT].shape[-1]
+        if isinstance(classes, int) and classes != self.manifest.num_classes:
+            raise ArtifactError(f"{onnx_path} gives {classes} scores per image, but {kennel_artifact.MANIFEST_FILE} "
+                                f"names {self.manifest.num_classes} classes")
+
+    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """RGB images -> float32 [N, 3, H, W], exactly training's evaluation transform."""
+        return np.stack([self.manifest.preprocessing.apply(image) for image in images])
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [N, 3, H, W] -> logits float32 [N, num_classes]."""
+        (logits,) = self.session.run([kennel_artifact.ONNX_OUTPUT],
+                                     {kennel_artifact.ONNX_INPUT: np.ascontiguousarray(batch, dtype=np.float32)})
+        return logits
+
+    def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.forward(self.preprocess(images))
+
+    def warm_up(self) -> float:
+        """One inference on a synthetic image; raises ArtifactError unless it gives sane scores.
+
+        The first run of a session allocates its buffers and picks kernels; doing it
+        here keeps that cost out of the first client's request. Returns its seconds.
+        """
+        height, width = self.manifest.preprocessing.input_size
+        start = time.perf_counter()
+        image = Image.new("RGB", (width, height), (124, 116, 104))
+        logits = self.predict([image])
+        seconds = time.perf_counter() - start
+        if logits.shape != (1, self.manifest.num_classes):
+            raise ArtifactError(f"warm-up inference gave scores of shape {list(logits.shape)}, expected "
+                                f"[1, {self.manifest.num_classes}]")
+        if not np.all(np.isfinite(logits)):
+            raise ArtifactError("warm-up inference gave scores that are not finite numbers (NaN or infinity)")
+        log.info("warm-up inference took %.0f ms", seconds * 1000)
+        return seconds

@@ -1,0 +1,93 @@
+"""The toolkit's Transformer, with its defects worked around from the outside.
+
+sagemaker_inference.transformer.Transformer runs input_fn -> predict_fn -> output_fn
+and turns exceptions into HTTP errors, but (1.10.1, checked):
+
+- it appends the full traceback to every error body, also for client mistakes;
+- a Content-Type with parameters ("application/json; charset=utf-8") is passed on
+  as is, so the JSON body is not decoded and a plain comparison fails;
+- a JSON body that is not UTF-8 raises inside the toolkit: a 500;
+- it looks up headers by two spellings only ("Accept"/"accept").
+
+KennelTransformer screens each request before the toolkit sees it (payload limit,
+Content-Type normalised, charset and UTF-8 checked), renders every error as
+{"error": "..."} with the right status and no traceback (5xx details go to the log
+only), and marks the worker busy while it works (kennel_serve.activity).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from sagemaker_inference import content_types
+from sagemaker_inference.errors import BaseInferenceToolkitError
+from sagemaker_inference.transformer import Transformer
+
+from kennel_serve.activity import WorkerActivity
+from kennel_serve.errors import RequestError, bad_request, payload_too_large, unsupported_media_type
+from kennel_serve.handler import request_headers
+from kennel_serve.inputs import parse_media_type
+from kennel_serve.settings import MIB, ServeSettings
+
+log = logging.getLogger(__name__)
+
+_TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
+INTERNAL_ERROR_MESSAGE = "internal error while handling the request; the server log has the details"
+
+
+class KennelTransformer(Transformer):
+    def __init__(self, default_inference_handler: Any, settings: ServeSettings,
+                 activity: WorkerActivity | None = None):
+        super().__init__(default_inference_handler=default_inference_handler)
+        self.settings = settings
+        self._activity = activity or WorkerActivity(settings.state_dir)
+
+    def transform(self, data: list, context: Any) -> list:
+        with self._activity.busy():
+            try:
+                for request in data:
+                    self._screen(request, request_headers(context))
+            except RequestError as exc:
+                return self.handle_error(context, exc, "")
+            return super().transform(data, context)
+
+    def _screen(self, request: dict, headers: dict) -> None:
+        body = request.get("body")
+        limit = self.settings.max_payload_bytes
+        if body is not None and len(body) > limit:
+            raise payload_too_large(f"the request body is {len(body)} bytes, more than the limit of {limit} bytes "
+                                    f"({limit // MIB} MB, SAGEMAKER_MAX_PAYLOAD_IN_MB)")
+        for canonical, spellings in (("Content-Type", ("content-type", "contenttype")), ("Accept", ("accept",))):
+            for name in [key for key in headers if str(key).lower() in spellings]:
+                headers[canonical] = headers.pop(name)
+        if "Content-Type" not in headers:
+            return
+        media_type, params = parse_media_type(headers["Content-Type"])
+        charset = params.get("charset")
+        if charset and charset not in _TEXT_CHARSETS:
+            raise unsupported_media_type(f"charset {charset!r} is not supported; send UTF-8")
+        headers["Content-Type"] = media_type  # the toolkit compares it verbatim
+        if media_type in content_types.UTF8_TYPES and isinstance(body, (bytes, bytearray)):
+            try:
+                bytes(body).decode("utf-8")
+            except UnicodeDecodeError:
+                raise bad_request(f"the {media_type} body is not valid UTF-8") from None
+
+    @staticmethod
+    def handle_error(context: Any, inference_exception: BaseInferenceToolkitError, trace: str) -> list[str]:
+        status = int(inference_exception.status_code)
+        if status >= 500:
+            log.error("request failed (HTTP %d): %s\n%s", status, inference_exception.message, trace)
+            message = INTERNAL_ERROR_MESSAGE
+        else:
+            log.info("request refused (HTTP %d): %s", status, inference_exception.message)
+            message = str(inference_exception.message)
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        context.set_response_status(code=status, phrase=phrase)
+        context.set_response_content_type(0, "application/json")
+        return [json.dumps({"error": message})]
