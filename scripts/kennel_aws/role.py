@@ -51,12 +51,15 @@ def trust_policy(aws: Aws) -> dict:
 
 def execution_policy(aws: Aws, names: Names, buckets: list[str], output: S3Uri, vpc: bool) -> dict:
     s3 = f"arn:{aws.partition}:s3:::"
+    readable = {f"{s3}{bucket}/*" for bucket in buckets}
+    if output.bucket not in buckets:  # read back checkpoints and models from the output prefix
+        readable.add(f"{s3}{output.bucket}/{output.key_prefix}*")
     log_group = aws.arn("logs", "log-group:/aws/sagemaker/*")
     statements = [
         {"Sid": "ListTheBuckets", "Effect": "Allow", "Action": "s3:ListBucket",
          "Resource": sorted({f"{s3}{bucket}" for bucket in [*buckets, output.bucket]})},
         {"Sid": "ReadData", "Effect": "Allow", "Action": "s3:GetObject",
-         "Resource": sorted({f"{s3}{bucket}/*" for bucket in buckets} | {f"{s3}{output.bucket}/{output.key_prefix}*"})},
+         "Resource": sorted(readable)},
         {"Sid": "WriteOutputs", "Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
          "Resource": f"{s3}{output.bucket}/{output.key_prefix}*"},
         {"Sid": "PullTheImages", "Effect": "Allow",
