@@ -105,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                "PYTHONPATH": str(REPO / "lambda"), "PYTHONDONTWRITEBYTECODE": "", "AWS_CONFIG_FILE": "/dev/null",
                "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
         measure(_KENNEL, env), measure(_ORIGINAL, env)  # bytecode caches written, disk cache warm
-        for _ in range(args.runs):  # interleaved, so that machine noise hits both alike
-            samples["kennel"].append(measure(_KENNEL, env))
-            samples["original"].append(measure(_ORIGINAL, env))
+        codes = {"kennel": _KENNEL, "original": _ORIGINAL}
+        for run in range(args.runs):
+            # Interleaved, and in alternating order, so that machine noise and the
+            # page cache left by the previous process favour neither.
+            for name in (("kennel", "original") if run % 2 == 0 else ("original", "kennel")):
+                samples[name].append(measure(codes[name], env))
     container.shutdown()
 
     print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {args.runs} fresh processes each, medians:")
