@@ -7,16 +7,22 @@ evaluated with.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import onnxruntime as ort
-from PIL import Image
+# ONNX Runtime 1.32 reports usage to Microsoft's event collector from every process
+# (a DNS lookup at the first session, an HTTPS upload later) unless this is set before
+# it is imported. An endpoint must not talk to anyone but its clients.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-import kennel_artifact
-from kennel_artifact import ArtifactError, Manifest
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import kennel_artifact  # noqa: E402
+from kennel_artifact import ArtifactError, Manifest  # noqa: E402
 
 log = logging.getLogger(__name__)
 
