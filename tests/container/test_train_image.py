@@ -38,7 +38,7 @@ def test_image_is_labelled_and_configured_for_the_toolkit(train_image):
 def test_image_holds_the_pinned_stack_and_no_build_only_files(train_image):
     script = (
         "import importlib.metadata as m, os, torch, torchvision, onnxruntime, sagemaker_training, kennel_artifact;"
-        "print(torch.__version__, torchvision.__version__, m.version('sagemaker-training'));"
+        "print(torch.__version__.split('+')[0], torchvision.__version__.split('+')[0], m.version('sagemaker-training'));"
         "print(os.path.exists('/opt/ml'), os.path.exists('/etc/pip.conf'), os.path.exists('/tmp/build-ca'));"
         "print(sorted(os.listdir('/opt/kennel')))"
     )
