@@ -19,7 +19,7 @@ KENNEL_DATA_DIR ?=
 # The Lambda deployment package (scripts/build_lambda_zip.py; the AWS deploy reads it here).
 LAMBDA_ZIP ?= build/lambda.zip
 
-.PHONY: help setup venv build-ca test test-host images image-train image-serve train sample data demo clean lambda-zip
+.PHONY: help setup venv build-ca test test-host images image-train image-serve train sample data demo clean lambda-zip smoke
 .PHONY: loadtest
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -60,16 +60,9 @@ sample: image-train ## write the bundled sample dataset to data/sample (generate
 data: venv ## download dogImages to data/dogImages and check it (133 breeds, 6680/835/836 images)
 	$(PY) scripts/download_data.py --dest data
 
-demo: images ## train on the bundled sample, serve the model, classify one sample image
-	$(MAKE) --no-print-directory train sample
-	$(COMPOSE) up -d serve
-	@addr=$$($(COMPOSE) port serve 8080); trap '$(COMPOSE) rm -sf serve >/dev/null 2>&1' EXIT; \
-	echo "waiting for http://$$addr/ping"; \
-	for _ in $$(seq 180); do curl -fsS -o /dev/null "http://$$addr/ping" 2>/dev/null && break; sleep 1; done; \
-	curl -fsS -o /dev/null "http://$$addr/ping" || { $(COMPOSE) logs --tail 30 serve; exit 1; }; \
-	image=$$(ls data/sample/test/*/*.jpg | head -n 1); echo "POST $$image"; \
-	curl -fsS -H 'Content-Type: image/jpeg' -H 'Accept: application/json' --data-binary "@$$image" \
-	  "http://$$addr/invocations"; echo
+demo: images ## train on the bundled sample, then serve ./model and answer smoke requests (make smoke)
+	$(MAKE) --no-print-directory train
+	$(MAKE) --no-print-directory smoke
 
 clean: ## remove model/ output/ checkpoints/ data/sample and the compose containers and sample volume
 	$(COMPOSE) down --volumes --remove-orphans
@@ -83,6 +76,9 @@ loadtest: venv $(if $(findstring --url,$(LOADTEST_ARGS)),,image-serve) ## load-t
 
 lambda-zip: ## build/lambda.zip (LAMBDA_ZIP=...): the Lambda package, handler kennel_lambda.handler, same bytes every build
 	$(PYTHON) scripts/build_lambda_zip.py $(LAMBDA_ZIP)
+
+smoke: venv image-serve ## end to end on this host: serve ./model (MODEL_DIR=...), classify the sample as JPEG, base64 JSON, URL, then via the Lambda handler
+	KENNEL_SERVE_IMAGE=$(SERVE_IMAGE) $(PY) scripts/smoke.py $(if $(MODEL_DIR),--model-dir $(MODEL_DIR))
 
 test: venv ## the whole suite: unit, contract, containers (real engine), aws (moto + local registry)
 	$(PY) -m pytest tests
