@@ -1,0 +1,119 @@
+"""Request bodies -> images: every content type and every client mistake, as a 4xx with a reason."""
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from kennel_serve.errors import RequestError
+from kennel_serve.inputs import decode_request, parse_media_type
+
+
+def encode(image, fmt="JPEG", **kwargs):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+JPEG = encode(Image.new("RGB", (64, 48), (200, 30, 40)))
+PHOTO = encode(Image.effect_noise((320, 240), 60).convert("RGB"), quality=90)  # header well before the middle
+PNG = encode(Image.new("RGBA", (40, 30), (10, 200, 30, 128)), "PNG")
+
+
+def no_fetch(url):
+    raise AssertionError(f"nothing should be fetched, got {url}")
+
+
+def decode(body, content_type, fetch=no_fetch, max_images=32, max_pixels=40_000_000):
+    return decode_request(body, content_type, fetch_url=fetch, max_images=max_images, max_pixels=max_pixels)
+
+
+def error_of(*args, **kwargs) -> RequestError:
+    with pytest.raises(RequestError) as caught:
+        decode(*args, **kwargs)
+    return caught.value
+
+
+def test_media_type_parameters_are_parsed():
+    assert parse_media_type("Application/JSON; charset=UTF-8") == ("application/json", {"charset": "utf-8"})
+    assert parse_media_type('image/jpeg;q="0.5" ') == ("image/jpeg", {"q": "0.5"})
+    assert parse_media_type(None) == ("", {})
+
+
+@pytest.mark.parametrize("content_type, body, size", [
+    ("image/jpeg", JPEG, (64, 48)),
+    ("image/png", PNG, (40, 30)),
+    ("application/x-image", PNG, (40, 30)),
+    ("application/octet-stream", JPEG, (64, 48)),  # sniffed
+    ("image/png", JPEG, (64, 48)),  # the bytes decide, not the header
+    ("image/jpeg; charset=binary", bytearray(JPEG), (64, 48)),
+])
+def test_raw_image_bodies(content_type, body, size):
+    (image,) = decode(body, content_type)
+    assert image.mode == "RGB" and image.size == size
+
+
+def test_json_forms_url_image_images():
+    fetched = []
+
+    def fetch(url):
+        fetched.append(url)
+        return JPEG
+
+    (image,) = decode(json.dumps({"url": "https://example.com/dog.jpg"}), "application/json", fetch)
+    assert fetched == ["https://example.com/dog.jpg"] and image.size == (64, 48)
+    (image,) = decode(json.dumps({"image": base64.b64encode(PNG).decode()}).encode(), "application/json")
+    assert image.size == (40, 30)
+    images = decode(json.dumps({"images": [base64.b64encode(JPEG).decode(), base64.urlsafe_b64encode(PNG).decode(),
+                                           "data:image/png;base64," + base64.b64encode(PNG).decode().rstrip("=")]}),
+                    "application/json; charset=utf-8")
+    assert [i.size for i in images] == [(64, 48), (40, 30), (40, 30)]
+
+
+def test_json_lines_one_record_per_line():
+    body = "\n".join([json.dumps({"image": base64.b64encode(JPEG).decode()}), "",
+                      json.dumps({"images": [base64.b64encode(PNG).decode()]})]) + "\n"
+    assert [i.size for i in decode(body, "application/jsonlines")] == [(64, 48), (40, 30)]
+
+
+@pytest.mark.parametrize("body, content_type, status, message", [
+    (JPEG, None, 415, "no Content-Type"),
+    (JPEG, "text/plain", 415, "Content-Type 'text/plain' is not supported"),
+    (JPEG, "multipart/form-data; boundary=x", 415, "not supported"),
+    (b"", "image/jpeg", 400, "the request body is empty"),
+    (b"not an image at all", "image/jpeg", 400, "not an image"),
+    (PHOTO[: len(PHOTO) // 2], "image/jpeg", 400, "truncated"),
+    (b'{"url": ', "application/json", 400, "not valid JSON"),
+    (b"[1, 2]", "application/json", 400, "must be a JSON object"),
+    (b'{"picture": "x"}', "application/json", 400, "needs one of the fields url, image, images; it has picture"),
+    (b'{"url": "a", "image": "b"}', "application/json", 400, "only one of the fields"),
+    (b'{"url": ""}', "application/json", 400, "'url' must be a non-empty string"),
+    (b'{"image": "***"}', "application/json", 400, "'image' is not valid base64"),
+    (b'{"image": 5}', "application/json", 400, "must be a non-empty base64 string"),
+    (b'{"images": []}', "application/json", 400, "non-empty list"),
+    (b'{"image": "data:image/png,abc"}', "application/json", 400, "without base64"),
+    (json.dumps({"images": [base64.b64encode(JPEG).decode(), base64.b64encode(b"junk").decode()]}).encode(),
+     "application/json", 400, "images[1]: the bytes are not an image"),
+    (b'{"image": "eA=="}\n{"url": ', "application/jsonlines", 400, "line 2 is not valid JSON"),
+    (b"\n\n", "application/jsonlines", 400, "holds no record"),
+    (b"\xff\xfe{}", "application/json", 400, "not valid UTF-8"),
+])
+def test_client_mistakes_are_4xx_with_a_reason(body, content_type, status, message):
+    error = error_of(body, content_type)
+    assert error.status_code == status
+    assert message in error.message
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    # 8000 x 6000 1-bit pixels: a few kB on the wire, 48 Mpx (144 MB as RGB) decoded.
+    bomb = encode(Image.new("1", (8000, 6000)), "PNG")
+    assert len(bomb) < 100_000
+    error = error_of(bomb, "image/png")
+    assert error.status_code == 400 and "8000x6000 pixels exceeds the limit of 40000000" in error.message
+
+
+def test_too_many_images_is_refused_before_anything_is_fetched():
+    body = "\n".join(json.dumps({"url": f"https://example.com/{i}.jpg"}) for i in range(5))
+    error = error_of(body, "application/jsonlines", max_images=4)
+    assert error.status_code == 400 and "5 images in one request, more than the limit of 4" in error.message

@@ -1,0 +1,112 @@
+"""Serving settings from the environment: defaults, overrides, CPU detection, bad values."""
+import ipaddress
+import json
+
+import pytest
+
+from kennel_serve import cpus
+from kennel_serve.settings import MIB, ServeSettings, SettingsError
+
+
+@pytest.fixture
+def two_cpus(monkeypatch):
+    monkeypatch.setattr("kennel_serve.settings.available_cpus", lambda: 2)
+
+
+def test_defaults_follow_the_sagemaker_contract(two_cpus):
+    settings = ServeSettings.from_env({})
+    assert str(settings.model_dir) == "/opt/ml/model"
+    assert settings.port == 8080
+    assert settings.max_payload_bytes == 6 * MIB
+    assert (settings.workers, settings.ort_threads) == (2, 1)
+    assert settings.model_server_timeout_s == 60
+    assert settings.url.enabled and not settings.url.allowed_networks
+
+
+def test_sagemaker_variables_are_honoured(two_cpus):
+    settings = ServeSettings.from_env({
+        "SAGEMAKER_BASE_DIR": "/srv/ml", "SAGEMAKER_BIND_TO_PORT": "9090", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20",
+        "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "SAGEMAKER_MODEL_SERVER_TIMEOUT": "120"})
+    assert str(settings.model_dir) == "/srv/ml/model"
+    assert settings.port == 9090
+    assert settings.max_payload_bytes == 20 * MIB
+    # One worker set: it gets every CPU as engine threads.
+    assert (settings.workers, settings.ort_threads) == (1, 2)
+    assert settings.model_server_timeout_s == 120
+
+
+@pytest.mark.parametrize("env, layout", [
+    ({"KENNEL_ORT_THREADS": "2"}, (1, 2)),
+    ({"SAGEMAKER_MODEL_SERVER_WORKERS": "4", "KENNEL_ORT_THREADS": "3"}, (4, 3)),
+    ({"SAGEMAKER_MODEL_SERVER_WORKERS": "8"}, (8, 1)),
+])
+def test_workers_and_threads_override(two_cpus, env, layout):
+    settings = ServeSettings.from_env(env)
+    assert (settings.workers, settings.ort_threads) == layout
+
+
+def test_batch_transform_settings_and_execution_parameters(two_cpus):
+    settings = ServeSettings.from_env({"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "1",
+                                       "SAGEMAKER_BATCH_STRATEGY": "single_record", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "50"})
+    assert settings.batch and settings.workers == 1  # no more workers than concurrent requests
+    assert json.loads(settings.execution_parameters()) == {
+        "MaxConcurrentTransforms": 1, "BatchStrategy": "SINGLE_RECORD", "MaxPayloadInMB": 50}
+    # Without a given concurrency, the answer is what the server can do at once.
+    assert json.loads(ServeSettings.from_env({})
+                      .execution_parameters())["MaxConcurrentTransforms"] == 2
+
+
+def test_allowlist_takes_addresses_networks_and_host_names(two_cpus):
+    url = ServeSettings.from_env({"KENNEL_URL_ALLOWLIST": "127.0.0.1, 10.0.0.0/8; images.internal.,fd00::/8"}).url
+    assert url.allowed_networks == (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"),
+                                    ipaddress.ip_network("fd00::/8"))
+    assert url.allowed_hosts == ("images.internal",)
+    assert not ServeSettings.from_env({"KENNEL_URL_FETCH": "false"}).url.enabled
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SAGEMAKER_MODEL_SERVER_WORKERS": "two"}, "SAGEMAKER_MODEL_SERVER_WORKERS='two' is not a whole number"),
+    ({"SAGEMAKER_MODEL_SERVER_WORKERS": "0"}, "SAGEMAKER_MODEL_SERVER_WORKERS=0 must be at least 1"),
+    ({"SAGEMAKER_BIND_TO_PORT": "70000"}, "SAGEMAKER_BIND_TO_PORT=70000 must be between 1 and 65535"),
+    ({"SAGEMAKER_BATCH_STRATEGY": "ALL"}, "SAGEMAKER_BATCH_STRATEGY='ALL' must be one of"),
+    ({"KENNEL_URL_FETCH": "maybe"}, "KENNEL_URL_FETCH='maybe' must be true or false"),
+    ({"KENNEL_URL_TIMEOUT_S": "soon"}, "KENNEL_URL_TIMEOUT_S='soon' is not a number"),
+    ({"KENNEL_DRAIN_TIMEOUT_S": "60"}, "KENNEL_DRAIN_TIMEOUT_S=60.0 must be between 0 and 28"),
+    ({"KENNEL_URL_ALLOWLIST": "http://x/"}, "KENNEL_URL_ALLOWLIST entry 'http://x/'"),
+    ({"SAGEMAKER_MULTI_MODEL": "true"}, "multi-model endpoints are not supported"),
+])
+def test_bad_values_name_the_variable(two_cpus, env, message):
+    with pytest.raises(SettingsError) as error:
+        ServeSettings.from_env(env)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_cpus_from_cgroup_v2_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(8)))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cpus.available_cpus(tmp_path) == 2  # 1.5 rounds up
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    assert cpus.available_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("20000 100000\n")
+    assert cpus.available_cpus(tmp_path) == 1  # never zero
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpus.available_cpus(tmp_path) == 8
+
+
+def test_cpus_from_cgroup_v1_quota_and_cpuset(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpus.available_cpus(tmp_path) == 3  # the cpuset is smaller than the quota
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpus.available_cpus(tmp_path) == 3
+    assert cpus.available_cpus(tmp_path / "absent") == 3
+
+
+def test_worker_layout_fills_the_cpus_without_oversubscribing():
+    assert cpus.worker_layout(4) == (4, 1)
+    assert cpus.worker_layout(4, workers=2) == (2, 2)
+    assert cpus.worker_layout(4, threads=4) == (1, 4)
+    assert cpus.worker_layout(2, workers=3) == (3, 1)
