@@ -255,7 +255,7 @@ def client_error_answer(exc: ClientError, endpoint: str) -> dict[str, Any]:
     if code == "ValidationError" and "not found" in message.lower():
         return answer(502, {"error": f"the endpoint {endpoint} does not exist in this account and region"})
     if code in ("AccessDeniedException", "AccessDenied", "UnrecognizedClientException",
-                "InvalidSignatureException", "ExpiredTokenException"):
+                "InvalidSignatureException", "ExpiredTokenException", "MissingAuthenticationTokenException"):
         raise ConfigurationError(f"the function's role may not invoke the endpoint ({code})")
     if code in ("RequestTimeout", "RequestTimeoutException"):
         return answer(504, {"error": "the endpoint did not answer in time"})

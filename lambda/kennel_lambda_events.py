@@ -70,12 +70,8 @@ def parse_event(event: Any) -> EndpointRequest:
     return request
 
 
-def is_proxy_event(event: Any) -> bool:
-    """True for API Gateway, Function URL and ALB events (they expect an HTTP-shaped answer)."""
-    return isinstance(event, dict) and _is_proxy_event(event)
-
-
 def _is_proxy_event(event: dict) -> bool:
+    """API Gateway (REST and HTTP API), Function URL and ALB events all carry these."""
     return "requestContext" in event or "httpMethod" in event
 
 

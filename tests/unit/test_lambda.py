@@ -128,6 +128,19 @@ def test_missing_region_is_a_configuration_error(monkeypatch):
     assert response["statusCode"] == 500 and "region" in body_of(response)["error"]
 
 
+def test_missing_credentials_are_a_configuration_error(monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no look-up of an instance role
+    fresh = kennel_lambda.botocore.session.get_session()
+    monkeypatch.setattr(kennel_lambda, "_session", fresh)
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 500 and "credentials" in body_of(response)["error"]
+
+
 def test_unexpected_failure_is_answered_not_raised(monkeypatch):
     def broken(*_args, **_kwargs):
         raise KeyError("surprise")
@@ -197,8 +210,9 @@ def test_runtime_5xx_is_502(stub, code, http_status):
     assert response["statusCode"] == 502 and code in body_of(response)["error"]
 
 
-def test_access_denied_is_a_configuration_error(stub):
-    stub.add_client_error("invoke_endpoint", service_error_code="AccessDeniedException", http_status_code=403,
+@pytest.mark.parametrize("code", ["AccessDeniedException", "UnrecognizedClientException", "ExpiredTokenException"])
+def test_access_denied_is_a_configuration_error(stub, code):
+    stub.add_client_error("invoke_endpoint", service_error_code=code, http_status_code=403,
                           service_message="not authorized to perform: sagemaker:InvokeEndpoint")
     response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
     assert response["statusCode"] == 500 and "may not invoke" in body_of(response)["error"]
