@@ -147,10 +147,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"== ramp: {label}", flush=True)
             result = measure(target, payloads, args, settings, sampler)
             if container is not None:
-                layout = container.effective_layout()
-                if layout:
-                    result.notes.append(f"server layout: {layout['workers']} workers x {layout['threads']} "
-                                        "engine threads")
+                result.layout = container.effective_layout()
         finally:
             if sampler is not None:
                 sampler.stop()

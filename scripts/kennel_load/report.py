@@ -27,12 +27,14 @@ class ConfigurationResult:
     stopped_because: str
     target_p99_s: float
     notes: list[str] = field(default_factory=list)
+    layout: dict[str, int] | None = None  # what the server chose: {"workers": 2, "threads": 1}
 
     @property
     def label(self) -> str:
-        if not self.settings:
-            return "image defaults"
-        return ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        label = ", ".join(f"{k}={v}" for k, v in self.settings.items()) or "image defaults"
+        if self.layout:
+            label += f" ({self.layout['workers']} workers x {self.layout['threads']} engine threads)"
+        return label
 
     @property
     def best_step(self) -> StepSummary | None:
@@ -45,7 +47,8 @@ class ConfigurationResult:
 
     def to_json(self) -> dict[str, Any]:
         best = self.best_step
-        return {"label": self.label, "settings": self.settings, "stopped_because": self.stopped_because,
+        return {"label": self.label, "settings": self.settings, "layout": self.layout,
+                "stopped_because": self.stopped_because,
                 "max_sustainable_rps": self.max_rate,
                 "at_concurrency": best.concurrency if best else None,
                 "latency_at_max_s": best.latency if best else None,
@@ -142,6 +145,7 @@ def plot(results: list[ConfigurationResult], target_p99_s: float, path: str | Pa
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +168,9 @@ def plot(results: list[ConfigurationResult], target_p99_s: float, path: str | Pa
     ax.set_xlabel("throughput (successful requests/s)")
     ax.set_ylabel("latency (ms)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: ""))
+    ax.set_xlim(left=0)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")

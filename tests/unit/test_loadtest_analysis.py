@@ -136,6 +136,7 @@ def test_report_json_plot_and_text(tmp_path):
     failed = StepSummary(16, None, 10, 0, 10.0, 0.0, nan_latency, {"timeout": 10})
     results = [_result({"SAGEMAKER_MODEL_SERVER_WORKERS": "1"}, [_step(1, 9, 0.2), _step(2, 12, 0.5)]),
                _result({"SAGEMAKER_MODEL_SERVER_WORKERS": "2"}, [_step(1, 10, 0.2), _step(2, 16.6, 0.4), failed])]
+    results[1].layout = {"workers": 2, "threads": 1}
     report = build_report(results, url="http://127.0.0.1:8080/invocations", target_p99_s=1.0, safety_factor=0.5,
                           settings={"step_duration_s": 10}, host_note="test host")
     assert report["max_sustainable_rps"] == 16.6
@@ -156,7 +157,9 @@ def test_report_json_plot_and_text(tmp_path):
         assert image.size[0] > 500
 
     text = summary_text(report)
-    assert "16.60 requests/s" in text and "498" in text and "SAGEMAKER_MODEL_SERVER_WORKERS=2" in text
+    assert "16.60 requests/s" in text and "498" in text
+    assert "SAGEMAKER_MODEL_SERVER_WORKERS=2 (2 workers x 1 engine threads)" in text
+    assert loaded["best_configuration"]["layout"] == {"workers": 2, "threads": 1}
     table = step_table(results[1].steps)
     assert "timeout: 10" in table and len(table.splitlines()) == 5
 
