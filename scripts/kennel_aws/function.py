@@ -7,7 +7,7 @@
   function  the zip from lambda/ (built reproducibly, or --zip), handler
             kennel_lambda.handler, ENDPOINT_NAME=NAME; code and configuration
             are updated only when they differ
-  version   published (Lambda publishes nothing new when nothing changed)
+  version   published when the code or configuration changed
   alias     `live` -> that version; callers invoke NAME-classify:live
   provisioned concurrency on the alias (--provisioned-concurrency, default 2)
   reserved concurrency (--reserved-concurrency, default none)
@@ -159,9 +159,17 @@ def wait_function(aws: Aws, names: Names, waiter: str) -> None:
                                                  WaiterConfig={"Delay": 2, "MaxAttempts": 150})
 
 
-def publish(aws: Aws, names: Names, code: bytes) -> str:
-    response = aws.send("lambda", "publish_version", FunctionName=names.function, CodeSha256=code_sha256(code),
-                        Description="published by aws.py lambda")
+def publish(aws: Aws, names: Names, code: bytes, wanted: dict, architecture: str) -> str:
+    """The version `live` should point at: the alias's own when it already runs this code and
+    configuration (nothing is sent), else a newly published one."""
+    lam = aws.client("lambda")
+    alias = describe_or_none(lam.get_alias, FunctionName=names.function, Name=ALIAS)
+    if alias is not None:
+        published = lam.get_function_configuration(FunctionName=names.function, Qualifier=alias["FunctionVersion"])
+        if (published.get("CodeSha256") == code_sha256(code) and published.get("Architectures") == [architecture]
+                and not configuration_differs(published, wanted)):
+            return alias["FunctionVersion"]
+    response = aws.send("lambda", "publish_version", FunctionName=names.function, CodeSha256=code_sha256(code))
     if response is None:
         return "<the version published above>"
     aws.console.note(f"function {names.function}: version {response['Version']}")
@@ -234,7 +242,7 @@ def run(args: argparse.Namespace) -> None:
         aws.console.note(f"note: endpoint {names.endpoint} does not exist yet; the function answers 502 until it does")
     role_arn, _ = ensure_lambda_role(aws, names)
     ensure_function(aws, args, names, role_arn, code)
-    version = publish(aws, names, code)
+    version = publish(aws, names, code, desired_configuration(args, names, role_arn), args.architecture)
     ensure_alias(aws, names, version)
     ensure_reserved_concurrency(aws, names, args.reserved_concurrency)
     ensure_provisioned_concurrency(aws, names, args.provisioned_concurrency, Poll(interval_s=args.poll_seconds,
