@@ -19,7 +19,7 @@ KENNEL_DATA_DIR ?=
 # The Lambda deployment package (scripts/build_lambda_zip.py; the AWS deploy reads it here).
 LAMBDA_ZIP ?= build/lambda.zip
 
-.PHONY: help setup venv build-ca test test-host images image-train image-serve train sample data demo clean lambda-zip smoke
+.PHONY: help setup venv build-ca test test-host images image-train image-serve train train-distributed sample data demo clean lambda-zip smoke
 .PHONY: loadtest
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -52,6 +52,16 @@ train: image-train ## train with docker compose (KENNEL_DATA_DIR=path/to/dogImag
 	mkdir -p model output checkpoints
 	$(AS_ME) $(if $(KENNEL_DATA_DIR),KENNEL_DATA_DIR=$(abspath $(KENNEL_DATA_DIR))) \
 	  KENNEL_TRAIN_IMAGE=$(TRAIN_IMAGE) $(COMPOSE) run --rm train
+
+train-distributed: image-train ## train ONE model on two hosts, algo-1 and algo-2, with compose (data-parallel; KENNEL_DATA_DIR as for train)
+	mkdir -p model output/algo-1 output/algo-2 checkpoints
+	rm -f output/algo-1/failure output/algo-2/failure
+	@export $(AS_ME) $(if $(KENNEL_DATA_DIR),KENNEL_DATA_DIR=$(abspath $(KENNEL_DATA_DIR))) KENNEL_TRAIN_IMAGE=$(TRAIN_IMAGE); \
+	$(COMPOSE) --profile distributed up algo-1 algo-2; \
+	codes=$$($(COMPOSE) --profile distributed ps --all --format '{{.Service}}={{.ExitCode}}' algo-1 algo-2); \
+	$(COMPOSE) --profile distributed rm --force algo-1 algo-2 >/dev/null 2>&1; \
+	echo "exit codes:" $$codes; \
+	case "$$codes" in *=[1-9]*) cat output/algo-*/failure 2>/dev/null; exit 1;; esac
 
 sample: image-train ## write the bundled sample dataset to data/sample (generated, no download)
 	mkdir -p data/sample
