@@ -16,6 +16,8 @@ TORCH_INDEX_URL ?=
 AS_ME := KENNEL_UID=$(shell id -u) KENNEL_GID=$(shell id -g)
 # Host dataset for `make train` (compose mounts it read-only); empty: the bundled sample.
 KENNEL_DATA_DIR ?=
+# Folder with the architecture's torchvision ImageNet .pth (pretrained=true); empty: none.
+KENNEL_PRETRAINED_DIR ?=
 # The Lambda deployment package (scripts/build_lambda_zip.py; the AWS deploy reads it here).
 LAMBDA_ZIP ?= build/lambda.zip
 
@@ -51,6 +53,7 @@ image-serve: build-ca ## build kennel-serve
 train: image-train ## train with docker compose (KENNEL_DATA_DIR=path/to/dogImages; default: the bundled sample)
 	mkdir -p model output checkpoints
 	$(AS_ME) $(if $(KENNEL_DATA_DIR),KENNEL_DATA_DIR=$(abspath $(KENNEL_DATA_DIR))) \
+	  $(if $(KENNEL_PRETRAINED_DIR),KENNEL_PRETRAINED_DIR=$(abspath $(KENNEL_PRETRAINED_DIR))) \
 	  KENNEL_TRAIN_IMAGE=$(TRAIN_IMAGE) $(COMPOSE) run --rm train
 
 train-distributed: image-train ## train ONE model on two hosts, algo-1 and algo-2, with compose (data-parallel; KENNEL_DATA_DIR as for train)
