@@ -38,6 +38,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
+
+from .failure import TrainingFailure, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ _ACK_TIMEOUT_S = 60.0
 _SIBLING_GRACE_S = 15.0
 
 
-class DistributedError(Exception):
+class DistributedError(TrainingFailure):
     """A distributed-setup or peer problem; the message is the job's failure reason."""
 
 
@@ -557,22 +560,18 @@ class Group:
 # --------------------------------------------------------------------------- starting
 
 
-def _write_failure(path: Path | None, reason: str) -> None:
-    if path is None:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(reason[:1024])
-    except OSError:
-        pass  # the log line carries the reason too
-
-
 def _lost_peer(failure_file: Path | None) -> Callable[[str], None]:
     def on_lost(reason: str) -> None:
         log.error("%s", reason)
-        _write_failure(failure_file, reason)
-        for handler in logging.getLogger().handlers:
+        if failure_file is not None:
+            try:
+                write_failure(failure_file, reason)
+            except OSError:
+                pass  # the log line carries the reason too
+        for handler in logging.getLogger("kennel_train").handlers + logging.getLogger().handlers:
             handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
         # The main thread may be blocked inside a collective: nothing short of
         # ending the process gets it out, and its peers see the connection close.
         os._exit(1)
