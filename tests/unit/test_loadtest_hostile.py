@@ -39,8 +39,14 @@ def test_redirect_cases_go_through_the_given_server(photo):
     cases = [c for c in hostile.generate(600, photo, redirect_base="http://redirector:8000")
              if c.category == "redirect into a blocked target"]
     assert cases
+    import urllib.parse
     for case in cases:
-        assert json.loads(case.body)["url"].startswith("http://redirector:8000/redirect?to=")
+        via = json.loads(case.body)["url"]
+        assert via.startswith("http://redirector:8000/redirect?to=")
+        target = urllib.parse.unquote(via.split("to=", 1)[1])
+        # a relative Location would rightly land on the redirect server itself: never generated
+        assert target not in ("http://", "http:///photo.jpg", " ", "127.0.0.1/photo.jpg")
+        assert hostile._absolute(target)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
