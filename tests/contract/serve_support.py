@@ -7,6 +7,7 @@ several can run side by side and beside anything else on the host.
 from __future__ import annotations
 
 import base64
+import http.client as http_client
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +47,17 @@ def build_plugin(out_dir: Path) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free 127.0.0.1 port below 32767 (MMS refuses higher ones; the kernel's picks are higher)."""
+    import random
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 def jpeg_bytes(size=(500, 375), seed: int = 0, mode: str = "RGB", fmt: str = "JPEG", **save) -> bytes:
@@ -83,12 +92,16 @@ class Reply:
 
 def http(url: str, body: bytes | None = None, headers: dict | None = None, method: str | None = None,
          timeout: float = 60) -> Reply:
-    request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
+    """One request with exactly these headers (urllib would add a form Content-Type to any POST)."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http_client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return Reply(response.status, {k.lower(): v for k, v in response.headers.items()}, response.read())
-    except urllib.error.HTTPError as error:
-        return Reply(error.code, {k.lower(): v for k, v in error.headers.items()}, error.read())
+        connection.request(method or ("POST" if body is not None else "GET"),
+                           parts.path + (f"?{parts.query}" if parts.query else ""), body=body, headers=headers or {})
+        response = connection.getresponse()
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+    finally:
+        connection.close()
 
 
 class ServeProcess:
@@ -129,7 +142,7 @@ class ServeProcess:
     def ping(self) -> int | None:
         try:
             return http(f"{self.url}/ping", timeout=3).status
-        except (urllib.error.URLError, OSError):
+        except OSError:
             return None
 
     def invoke(self, body: bytes, content_type: str | None = "image/jpeg", accept: str | None = None,
@@ -161,3 +174,37 @@ class ServeProcess:
                 self.process.kill()
                 self.process.wait()
         shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+# -- pytest fixtures shared by the serving contract tests (import them into the test module) --
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def plugins(tmp_path_factory) -> Path:
+    """A directory holding the freshly compiled MMS plugin jar."""
+    return build_plugin(tmp_path_factory.mktemp("mms-plugins"))
+
+
+@pytest.fixture(scope="session")
+def resnet18_base(tmp_path_factory) -> Path:
+    """SAGEMAKER_BASE_DIR whose model/ is a random-weight ResNet-18 artifact (5 classes, ImageNet eval)."""
+    from bench_serve import write_random_model
+    base = tmp_path_factory.mktemp("base")
+    write_random_model(base / "model", "resnet18", num_classes=5)
+    return base
+
+
+def base_with_code(tmp_path: Path, model_base: Path, inference_py: str, **extra_files: str) -> Path:
+    """A copy of the model (symlinked files) plus code/inference.py: a user's own handlers."""
+    base = tmp_path / "base"
+    model = base / "model"
+    (model / "code").mkdir(parents=True)
+    for item in (model_base / "model").iterdir():
+        if item.is_file():
+            (model / item.name).symlink_to(item)
+    (model / "code" / "inference.py").write_text(inference_py)
+    for name, text in extra_files.items():
+        (model / "code" / name).write_text(text)
+    return base

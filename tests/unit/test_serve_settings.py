@@ -67,7 +67,7 @@ def test_allowlist_takes_addresses_networks_and_host_names(two_cpus):
 @pytest.mark.parametrize("env, message", [
     ({"SAGEMAKER_MODEL_SERVER_WORKERS": "two"}, "SAGEMAKER_MODEL_SERVER_WORKERS='two' is not a whole number"),
     ({"SAGEMAKER_MODEL_SERVER_WORKERS": "0"}, "SAGEMAKER_MODEL_SERVER_WORKERS=0 must be at least 1"),
-    ({"SAGEMAKER_BIND_TO_PORT": "70000"}, "SAGEMAKER_BIND_TO_PORT=70000 must be between 1 and 65535"),
+    ({"SAGEMAKER_BIND_TO_PORT": "40000"}, "SAGEMAKER_BIND_TO_PORT=40000 must be between 1 and 32766"),
     ({"SAGEMAKER_BATCH_STRATEGY": "ALL"}, "SAGEMAKER_BATCH_STRATEGY='ALL' must be one of"),
     ({"KENNEL_URL_FETCH": "maybe"}, "KENNEL_URL_FETCH='maybe' must be true or false"),
     ({"KENNEL_URL_TIMEOUT_S": "soon"}, "KENNEL_URL_TIMEOUT_S='soon' is not a number"),

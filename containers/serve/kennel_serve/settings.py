@@ -85,7 +85,8 @@ class ServeSettings:
         plugins = env.get("KENNEL_MMS_PLUGINS")
         return cls(
             model_dir=Path(env.get("SAGEMAKER_BASE_DIR", "/opt/ml")) / "model",
-            port=read.integer("SAGEMAKER_BIND_TO_PORT", 8080, low=1, high=65535),
+            # multi-model-server refuses ports from 32767 up (it stores them in a Java short).
+            port=read.integer("SAGEMAKER_BIND_TO_PORT", 8080, low=1, high=32766),
             bind_address=env.get("KENNEL_BIND_ADDRESS", "0.0.0.0"),
             cpus=cpus,
             workers=workers,

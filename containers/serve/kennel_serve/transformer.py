@@ -28,7 +28,7 @@ from sagemaker_inference.transformer import Transformer
 from kennel_serve.activity import WorkerActivity
 from kennel_serve.errors import RequestError, bad_request, payload_too_large, unsupported_media_type
 from kennel_serve.handler import request_headers
-from kennel_serve.inputs import parse_media_type
+from kennel_serve.inputs import JSONLINES, parse_media_type
 from kennel_serve.settings import MIB, ServeSettings
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,11 @@ class KennelTransformer(Transformer):
         if "Content-Type" not in headers:
             return
         media_type, params = parse_media_type(headers["Content-Type"])
-        charset = params.get("charset")
-        if charset and charset not in _TEXT_CHARSETS:
-            raise unsupported_media_type(f"charset {charset!r} is not supported; send UTF-8")
         headers["Content-Type"] = media_type  # the toolkit compares it verbatim
+        is_text = media_type in content_types.UTF8_TYPES or media_type in JSONLINES or media_type.startswith("text/")
+        charset = params.get("charset")
+        if is_text and charset and charset not in _TEXT_CHARSETS:
+            raise unsupported_media_type(f"charset {charset!r} is not supported; send UTF-8")
         if media_type in content_types.UTF8_TYPES and isinstance(body, (bytes, bytearray)):
             try:
                 bytes(body).decode("utf-8")

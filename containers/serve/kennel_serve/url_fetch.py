@@ -205,7 +205,7 @@ class UrlFetcher:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise refused(f"the download took longer than {self.settings.timeout_s:g} s")
+                raise refused(f"no complete answer within {self.settings.timeout_s:g} s")
             sock.settimeout(remaining)
             chunk = response.read1(_CHUNK) if hasattr(response, "read1") else response.read(_CHUNK)
             if not chunk:
