@@ -19,7 +19,9 @@ class S3Uri:
         return f"s3://{self.bucket}/{self.key_prefix}"
 
     def folder(self) -> "S3Uri":
-        return self if not self.key_prefix or self.key_prefix.endswith("/") else S3Uri(self.bucket, self.key_prefix + "/")
+        if not self.key_prefix or self.key_prefix.endswith("/"):
+            return self
+        return S3Uri(self.bucket, self.key_prefix + "/")
 
     def child(self, *parts: str) -> "S3Uri":
         tail = "/".join(part.strip("/") for part in parts if part.strip("/"))

@@ -13,132 +13,26 @@ insecure registry by default, so plain HTTP works without daemon changes
 """
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
 import boto3
 import pytest
-import requests
+from botocore.stub import Stubber
 
-REGION = "us-east-1"
-ACCOUNT = "123456789012"  # moto's default account
+from aws_testkit import (BUCKET, DATA, REGION, MotoServer, Registry, RoutedClient, free_port, planned_requests,
+                         put_image, stop, wait_http)
+
 REGISTRY_BINARY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, ok: tuple[int, ...], timeout_s: float = 30.0, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before answering {url}")
-        try:
-            if requests.get(url, timeout=1).status_code in ok:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout_s} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-# ----------------------------------------------------------------------------- moto
-
-
-@dataclass(frozen=True)
-class Request:
-    """One request moto received, with the service operation it named."""
-
-    method: str
-    path: str
-    operation: str  # e.g. "SageMaker.CreateTrainingJob", "iam:CreateRole", "GET /2015-03-31/functions/x"
-    body: str
-
-    @property
-    def json(self) -> dict:
-        return json.loads(self.body or "{}")
-
-    @property
-    def mutating(self) -> bool:
-        """True unless the operation only reads (Describe/List/Get, or an HTTP GET)."""
-        if self.operation.startswith(("GET ", "HEAD ")):
-            return False
-        name = self.operation.split(".")[-1].split(":")[-1]
-        return not name.startswith(("Describe", "List", "Get", "BatchGet", "BatchCheck"))
-
-
-class MotoServer:
-    def __init__(self, url: str, recording: Path) -> None:
-        self.url = url
-        self.recording = recording
-
-    def reset(self) -> None:
-        requests.post(f"{self.url}/moto-api/reset", timeout=10).raise_for_status()
-        self.reset_recording()
-
-    def reset_recording(self) -> None:
-        requests.post(f"{self.url}/moto-api/recorder/reset-recording", timeout=10).raise_for_status()
-
-    def requests(self) -> list[Request]:
-        entries = []
-        if not self.recording.exists():
-            return entries
-        for line in self.recording.read_text().splitlines():
-            entry = json.loads(line)
-            body = entry.get("body") or ""
-            if entry.get("body_encoded"):
-                body = base64.b64decode(body).decode("utf-8", "replace")
-            entries.append(self._request(entry, body))
-        return entries
-
-    @staticmethod
-    def _request(entry: dict, body: str) -> Request:
-        headers = {key.lower(): value for key, value in entry["headers"].items()}
-        path = urlparse(entry["url"]).path
-        target = headers.get("x-amz-target")
-        if target:  # JSON protocol: SageMaker, ECR, Application Auto Scaling
-            operation = target
-        elif "Action=" in body:  # query protocol: IAM, STS
-            service = headers.get("authorization", "").split("/")[3] if "/" in headers.get("authorization", "") else "?"
-            operation = f"{service}:{parse_qs(body)['Action'][0]}"
-        else:  # REST protocols: Lambda, S3
-            operation = f"{entry['method']} {path}"
-        return Request(entry["method"], path, operation, body)
-
-    def operations(self) -> list[str]:
-        return [request.operation for request in self.requests()]
-
-    def mutating(self) -> list[str]:
-        return [request.operation for request in self.requests() if request.mutating]
-
-    def sent(self, operation: str) -> list[dict]:
-        """Bodies (JSON) of the requests for one JSON-protocol operation, e.g. SageMaker.CreateModel."""
-        return [request.json for request in self.requests() if request.operation == operation]
 
 
 @pytest.fixture(scope="session")
@@ -202,18 +96,6 @@ def cli(capsys: pytest.CaptureFixture):
     return run
 
 
-def planned_requests(stdout: str) -> list[dict]:
-    """The JSON request objects a --dry-run printed (other stdout lines are skipped)."""
-    decoder, requests, index = json.JSONDecoder(), [], 0
-    while index < len(stdout):
-        if stdout[index] == "{":
-            value, index = decoder.raw_decode(stdout, index)
-            requests.append(value)
-        else:
-            index = stdout.find("\n", index) + 1 or len(stdout)
-    return requests
-
-
 @pytest.fixture
 def planned():
     return planned_requests
@@ -227,34 +109,6 @@ def metric_definitions() -> Path:
 
 
 # ----------------------------------------------------------------------------- registry + docker
-
-
-@dataclass
-class Registry:
-    host: str  # 127.0.0.1:PORT
-    auth: tuple[str, str] | None = None
-
-    def get(self, path: str, **headers: str) -> requests.Response:
-        return requests.get(f"http://{self.host}{path}", headers=headers, auth=self.auth, timeout=10)
-
-    def tags(self, repository: str) -> list[str]:
-        response = self.get(f"/v2/{repository}/tags/list")
-        if response.status_code == 404:
-            return []
-        response.raise_for_status()
-        return sorted(response.json().get("tags") or [])
-
-    def catalog(self) -> list[str]:
-        response = self.get("/v2/_catalog")
-        response.raise_for_status()
-        return sorted(response.json().get("repositories") or [])
-
-    def manifest_digest(self, repository: str, tag: str) -> str:
-        accept = ", ".join(["application/vnd.docker.distribution.manifest.v2+json",
-                            "application/vnd.oci.image.manifest.v1+json"])
-        response = self.get(f"/v2/{repository}/manifests/{tag}", Accept=accept)
-        response.raise_for_status()
-        return response.headers["Docker-Content-Digest"]
 
 
 def start_registry(folder: Path, htpasswd: str | None = None):
@@ -335,3 +189,59 @@ def tiny_images(docker_client):
     yield built
     for image in docker_client.images.list(filters={"label": "kennel.test=aws-push"}):
         docker_client.images.remove(image.id, force=True)
+
+
+# ----------------------------------------------------------------------------- staged deployments
+
+
+@pytest.fixture
+def staged(moto, aws, cli):
+    """Data in the original layout, both repositories with images (the newer one last), the execution role."""
+    s3 = aws("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    for split in ("train", "valid", "test"):
+        s3.put_object(Bucket=BUCKET, Key=f"dogImages/{split}/001.Affenpinscher/a.jpg", Body=b"jpeg")
+    ecr = aws("ecr")
+    for repository in ("kennel-train", "kennel-serve"):
+        ecr.create_repository(repositoryName=repository)
+    put_image(ecr, "kennel-train", "1.0.0-aaaaaaaaaaaa")
+    put_image(ecr, "kennel-serve", "1.0.0-aaaaaaaaaaaa")
+    time.sleep(1.1)  # ECR's imagePushedAt has one-second resolution
+    put_image(ecr, "kennel-train", "1.0.1-bbbbbbbbbbbb")
+    put_image(ecr, "kennel-serve", "1.0.1-bbbbbbbbbbbb")
+    status, _, err = cli("role", "--bucket", BUCKET)
+    assert status == 0, err
+    moto.reset_recording()
+
+
+@pytest.fixture
+def trained(cli, moto, staged, metric_definitions):
+    status, _, err = cli("train", "--data", DATA, "--job-name", "kennel-t1", "--metric-definitions",
+                         str(metric_definitions), "--poll-seconds", "0.01")
+    assert status == 0, err
+    moto.reset_recording()
+
+
+@pytest.fixture
+def deployed(cli, moto, trained):
+    status, _, err = cli("deploy", "--poll-seconds", "0.01")
+    assert status == 0, err
+    moto.reset_recording()
+
+
+@pytest.fixture
+def provisioned(moto, monkeypatch):
+    """The Stubber for the provisioned-concurrency operations (asserted empty at the end)."""
+    from kennel_aws.context import Aws
+    stub_client = boto3.Session(region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x").client("lambda")
+    stubber = Stubber(stub_client)
+    stubber.activate()
+    real_client = Aws.client
+
+    def client(self, service):
+        real = real_client(self, service)
+        return RoutedClient(real, stub_client) if service == "lambda" else real
+
+    monkeypatch.setattr(Aws, "client", client)
+    yield stubber
+    stubber.assert_no_pending_responses()

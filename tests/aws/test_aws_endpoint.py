@@ -13,8 +13,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from conftest import ACCOUNT
-from test_aws_training import BUCKET, DATA, staged  # noqa: F401 - the fixture
+from aws_testkit import ACCOUNT, BUCKET
 
 pytestmark = pytest.mark.aws
 
@@ -23,21 +22,6 @@ ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/kennel-sagemaker"
 MODEL_DATA = f"s3://{BUCKET}/kennel/models/kennel-t1/output/model.tar.gz"
 RESOURCE_ID = "endpoint/kennel/variant/AllTraffic"
 DIMENSION = "sagemaker:variant:DesiredInstanceCount"
-
-
-@pytest.fixture
-def trained(cli, moto, staged, metric_definitions):  # noqa: F811
-    status, _, err = cli("train", "--data", DATA, "--job-name", "kennel-t1", "--metric-definitions",
-                         str(metric_definitions), "--poll-seconds", "0.01")
-    assert status == 0, err
-    moto.reset_recording()
-
-
-@pytest.fixture
-def deployed(cli, moto, trained):
-    status, _, err = cli("deploy", "--poll-seconds", "0.01")
-    assert status == 0, err
-    moto.reset_recording()
 
 
 def output_fields(out: str) -> dict[str, list[str]]:
@@ -79,7 +63,7 @@ def test_deploy_creates_model_config_endpoint_then_changes_nothing(cli, moto, aw
     assert moto.mutating() == []
 
 
-def test_deploy_from_model_data_with_timeouts_and_instance_settings(cli, moto, aws, staged):  # noqa: F811
+def test_deploy_from_model_data_with_timeouts_and_instance_settings(cli, moto, aws, staged):
     status, out, err = cli("deploy", "--model-data", MODEL_DATA, "--instance-type", "ml.c5.large",
                            "--instance-count", "2", "--startup-timeout", "900", "--download-timeout", "300",
                            "--image", f"{SERVE_URI}:pinned", "--no-wait")
@@ -109,14 +93,14 @@ def test_deploy_dry_run_sends_nothing(cli, moto, aws, trained, planned):
     (["--training-job", "kennel-none"], "no training job kennel-none"),
     (["--startup-timeout", "30"], "between 60 and 3600 seconds"),
 ])
-def test_deploy_refuses_bad_input_in_one_line(cli, moto, staged, argv, message):  # noqa: F811
+def test_deploy_refuses_bad_input_in_one_line(cli, moto, staged, argv, message):
     status, _, err = cli("deploy", *argv)
     assert status in (1, 2)
     assert err.count("\n") == 1 and message in err
     assert moto.mutating() == []
 
 
-def test_deploy_without_completed_job_says_what_to_pass(cli, moto, staged):  # noqa: F811
+def test_deploy_without_completed_job_says_what_to_pass(cli, moto, staged):
     status, _, err = cli("deploy")
     assert status == 1
     assert err == "error: no completed training job named kennel-...: pass --model-data or --training-job\n"
@@ -181,7 +165,8 @@ def stub_update(stubbers, *, scaled: bool, rolled_back: bool = False, current_ty
             {"EndpointConfigName": "kennel-0000000000"})
     if current_type == "ml.m5.large":
         stub.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:::endpoint/kennel"},
-                          {"EndpointName": "kennel", "EndpointConfigName": config, "RetainAllVariantProperties": scaled})
+                          {"EndpointName": "kennel", "EndpointConfigName": config,
+                           "RetainAllVariantProperties": scaled})
         stub.add_response("describe_endpoint", endpoint_description("kennel-0000000000", "Updating"))
         stub.add_response("describe_endpoint",
                           endpoint_description("kennel-0000000000" if rolled_back else config, "InService"))

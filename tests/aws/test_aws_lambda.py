@@ -17,62 +17,11 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from conftest import ACCOUNT, REGION
+from aws_testkit import ACCOUNT, FUNCTION, KEY, REGION, pc_absent, pc_put, pc_state
 
 pytestmark = pytest.mark.aws
 
 REPO = Path(__file__).resolve().parents[2]
-FUNCTION = "kennel-classify"
-PC_OPERATIONS = {"get_provisioned_concurrency_config", "put_provisioned_concurrency_config",
-                 "delete_provisioned_concurrency_config"}
-
-
-class RoutedClient:
-    """moto's Lambda client, except the operations moto lacks, which a Stubber-backed client answers."""
-
-    def __init__(self, real, stubbed) -> None:
-        self._real, self._stubbed = real, stubbed
-
-    def __getattr__(self, name: str):
-        return getattr(self._stubbed if name in PC_OPERATIONS else self._real, name)
-
-
-@pytest.fixture
-def provisioned(moto, monkeypatch):
-    """The Stubber for the provisioned-concurrency operations (asserted empty at the end)."""
-    from kennel_aws.context import Aws
-    stub_client = boto3.Session(region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x").client("lambda")
-    stubber = Stubber(stub_client)
-    stubber.activate()
-    real_client = Aws.client
-
-    def client(self, service):
-        real = real_client(self, service)
-        return RoutedClient(real, stub_client) if service == "lambda" else real
-
-    monkeypatch.setattr(Aws, "client", client)
-    yield stubber
-    stubber.assert_no_pending_responses()
-
-
-KEY = {"FunctionName": FUNCTION, "Qualifier": "live"}
-
-
-def pc_absent(stubber: Stubber) -> None:
-    stubber.add_client_error("get_provisioned_concurrency_config", "ProvisionedConcurrencyConfigNotFoundException",
-                             "No Provisioned Concurrency Config found for this function", 404, expected_params=KEY)
-
-
-def pc_state(stubber: Stubber, status: str, requested: int, available: int = 0) -> None:
-    stubber.add_response("get_provisioned_concurrency_config", {
-        "RequestedProvisionedConcurrentExecutions": requested, "AvailableProvisionedConcurrentExecutions": available,
-        "AllocatedProvisionedConcurrentExecutions": available, "Status": status}, KEY)
-
-
-def pc_put(stubber: Stubber, requested: int) -> None:
-    stubber.add_response("put_provisioned_concurrency_config", {
-        "RequestedProvisionedConcurrentExecutions": requested, "Status": "IN_PROGRESS"},
-        {**KEY, "ProvisionedConcurrentExecutions": requested})
 
 
 @pytest.fixture
@@ -143,8 +92,8 @@ def test_lambda_role_function_version_alias_and_provisioned_concurrency(cli, mot
     assert "function kennel-classify: unchanged" in err and "alias live: unchanged (1)" in err
 
 
-def test_lambda_new_code_moves_the_alias_and_concurrency_settings_change(cli, moto, aws, provisioned, package,
-                                                                          tmp_path):
+def test_lambda_new_code_moves_the_alias_and_concurrency_settings_change(
+        cli, moto, aws, provisioned, package, tmp_path):
     pc_absent(provisioned)
     status, _, err = cli("lambda", "--zip", str(package), "--provisioned-concurrency", "0")
     assert status == 0, err
@@ -221,7 +170,8 @@ def test_create_function_waits_out_iam_propagation():
     sleeps: list[float] = []
     notes = io.StringIO()
     aws = Aws(region=REGION, console=Console(io.StringIO(), notes))
-    request = {"FunctionName": FUNCTION, "Role": f"arn:aws:iam::{ACCOUNT}:role/kennel-lambda", "Code": {"ZipFile": b"z"}}
+    request = {"FunctionName": FUNCTION, "Role": f"arn:aws:iam::{ACCOUNT}:role/kennel-lambda",
+               "Code": {"ZipFile": b"z"}}
     response = retry_while_propagating(lambda: client.create_function(**request), aws=aws, what="function",
                                        is_propagation_error=role_not_ready, sleep=sleeps.append)
     assert response["FunctionName"] == FUNCTION

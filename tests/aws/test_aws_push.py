@@ -105,7 +105,8 @@ def test_ecr_repositories_created_with_policies_then_unchanged(cli, moto, aws):
         assert policy["rules"][0]["selection"] == {"tagStatus": "any", "countType": "imageCountMoreThan",
                                                    "countNumber": 7}
         assert policy["rules"][0]["action"] == {"type": "expire"}
-        tags = {t["Key"]: t["Value"] for t in ecr.list_tags_for_resource(resourceArn=repository["repositoryArn"])["tags"]}
+        listed = ecr.list_tags_for_resource(resourceArn=repository["repositoryArn"])["tags"]
+        tags = {t["Key"]: t["Value"] for t in listed}
         assert tags == {"team": "ml", "env": "test", "kennel:deployment": "kennel"}
 
     moto.reset_recording()
@@ -162,4 +163,5 @@ def test_cli_failures_are_one_line_from_a_real_process(tmp_path):
     no_region = subprocess.run([*script, "push", "--repos-only"], capture_output=True, text=True, env=env,
                                cwd=tmp_path)
     assert no_region.returncode == 1
-    assert no_region.stderr == "error: no AWS region: pass --region, set AWS_DEFAULT_REGION or give the profile a region\n"
+    assert no_region.stderr == ("error: no AWS region: pass --region, set AWS_DEFAULT_REGION or give the profile "
+                                "a region\n")

@@ -10,50 +10,16 @@ prints is what DescribeHyperParameterTuningJob answered.
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from botocore.stub import Stubber
 
-from conftest import ACCOUNT
+from aws_testkit import ACCOUNT, BUCKET, DATA
 
 pytestmark = pytest.mark.aws
 
-BUCKET = "kennel-data"
-DATA = f"s3://{BUCKET}/dogImages/"
 ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/kennel-sagemaker"
 TRAIN_URI = f"{ACCOUNT}.dkr.ecr.us-east-1.amazonaws.com/kennel-train"
-MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                       "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 2,
-                                  "digest": "sha256:" + "0" * 64}, "layers": []})
-
-
-def put_image(ecr, repository: str, tag: str) -> None:
-    manifest = json.loads(MANIFEST)
-    manifest["config"]["digest"] = "sha256:" + tag.encode().hex().ljust(64, "0")[:64]
-    ecr.put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag=tag)
-
-
-@pytest.fixture
-def staged(moto, aws, cli):
-    """Data in the original layout, both repositories with images (the newer one last), the execution role."""
-    s3 = aws("s3")
-    s3.create_bucket(Bucket=BUCKET)
-    for split in ("train", "valid", "test"):
-        s3.put_object(Bucket=BUCKET, Key=f"dogImages/{split}/001.Affenpinscher/a.jpg", Body=b"jpeg")
-    ecr = aws("ecr")
-    for repository in ("kennel-train", "kennel-serve"):
-        ecr.create_repository(repositoryName=repository)
-    put_image(ecr, "kennel-train", "1.0.0-aaaaaaaaaaaa")
-    put_image(ecr, "kennel-serve", "1.0.0-aaaaaaaaaaaa")
-    time.sleep(1.1)  # ECR's imagePushedAt has one-second resolution
-    put_image(ecr, "kennel-train", "1.0.1-bbbbbbbbbbbb")
-    put_image(ecr, "kennel-serve", "1.0.1-bbbbbbbbbbbb")
-    status, _, err = cli("role", "--bucket", BUCKET)
-    assert status == 0, err
-    moto.reset_recording()
-
-
 # ----------------------------------------------------------------------------- role
 
 
@@ -75,7 +41,8 @@ def test_role_is_least_privilege_and_idempotent(cli, moto, aws):
     assert statements["ReadData"]["Resource"] == ["arn:aws:s3:::kennel-data/*", "arn:aws:s3:::kennel-weights/*"]
     assert statements["WriteOutputs"]["Resource"] == "arn:aws:s3:::kennel-data/kennel/*"
     assert statements["PullTheImages"]["Resource"] == [
-        f"arn:aws:ecr:us-east-1:{ACCOUNT}:repository/kennel-train", f"arn:aws:ecr:us-east-1:{ACCOUNT}:repository/kennel-serve"]
+        f"arn:aws:ecr:us-east-1:{ACCOUNT}:repository/kennel-train",
+        f"arn:aws:ecr:us-east-1:{ACCOUNT}:repository/kennel-serve"]
     wildcard = sorted(s["Sid"] for s in policy["Statement"] if s["Resource"] == "*")
     assert wildcard == ["EcrLogin", "PublishMetrics"]  # actions that take no resource ARN
     assert statements["PublishMetrics"]["Condition"] == {"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/*"}}
@@ -130,7 +97,8 @@ def test_train_original_layout_with_spot_twice(cli, moto, aws, staged, metric_de
                                               "LocalPath": "/opt/ml/output/tensorboard"}
     (sent,) = moto.sent("SageMaker.CreateTrainingJob")
     assert sent["AlgorithmSpecification"]["MetricDefinitions"] == json.loads(metric_definitions.read_text())
-    assert {"Key": "team", "Value": "ml"} in sent["Tags"] and {"Key": "kennel:deployment", "Value": "kennel"} in sent["Tags"]
+    assert {"Key": "team", "Value": "ml"} in sent["Tags"]
+    assert {"Key": "kennel:deployment", "Value": "kennel"} in sent["Tags"]
     lines = out.splitlines()
     assert lines[0] == "job kennel-t1 Completed"
     assert lines[1] == f"model {job['ModelArtifacts']['S3ModelArtifacts']}"
@@ -177,7 +145,8 @@ def test_train_dry_run_prints_the_request_and_sends_nothing(cli, moto, aws, stag
     (request,) = planned(out)
     assert request["service"] == "sagemaker" and request["operation"] == "CreateTrainingJob"
     assert request["params"]["TrainingJobName"] == "kennel-dry"
-    assert request["params"]["AlgorithmSpecification"]["MetricDefinitions"] == json.loads(metric_definitions.read_text())
+    metrics = json.loads(metric_definitions.read_text())
+    assert request["params"]["AlgorithmSpecification"]["MetricDefinitions"] == metrics
     assert aws("sagemaker").list_training_jobs()["TrainingJobSummaries"] == []
 
 
@@ -225,7 +194,8 @@ def test_train_failure_while_waiting_is_one_line(cli, monkeypatch, moto, metric_
                          {"TrainingJobName": "kennel-f"})
     stubber.activate()
     real_client = Aws.client
-    monkeypatch.setattr(Aws, "client", lambda self, service: client if service == "sagemaker" else real_client(self, service))
+    monkeypatch.setattr(Aws, "client",
+                        lambda self, service: client if service == "sagemaker" else real_client(self, service))
     status, out, err = cli("train", "--job-name", "kennel-f", "--poll-seconds", "0.01", "--data", DATA)
     stubber.assert_no_pending_responses()
     assert status == 1
@@ -256,7 +226,8 @@ def test_tune_original_ranges_minimising_validation_loss(cli, moto, aws, staged,
     assert definition["StaticHyperParameters"] == {"epochs": "1"}
     assert definition["AlgorithmSpecification"]["MetricDefinitions"] == json.loads(metric_definitions.read_text())
     assert definition["EnableManagedSpotTraining"] is True
-    assert definition["StoppingCondition"]["MaxWaitTimeInSeconds"] > definition["StoppingCondition"]["MaxRuntimeInSeconds"]
+    stopping = definition["StoppingCondition"]
+    assert stopping["MaxWaitTimeInSeconds"] > stopping["MaxRuntimeInSeconds"]
     assert "CheckpointConfig" not in definition  # trials must not share a checkpoint path
 
     described = aws("sagemaker").describe_hyper_parameter_tuning_job(HyperParameterTuningJobName="kennel-tune-1")
