@@ -1,8 +1,8 @@
 """`serve`: check the model, run multi-model-server, and stop it cleanly.
 
-1. Read the settings; reset the state dir (so a restarted container never finds MMS's
-   old pid file: MMS refuses to start when that pid is alive, and in a restarted
-   container it often is, as another process).
+1. Read the settings; reset the state dir. MMS's temp dir is inside it, so a restarted
+   container never finds MMS's old /tmp/.model_server.pid: MMS refuses to start while
+   the pid in it is alive, and in a restarted container it often is, as another process.
 2. Install code/requirements.txt if the model brings one.
 3. Load the model exactly as the workers will (same handlers, user code included)
    and run one warm-up inference. Any problem: ONE line on stderr, exit 1, before
@@ -72,14 +72,9 @@ class StopRequest:
 
 
 def reset_state_dir(state_dir: Path) -> None:
+    """An empty state dir. MMS's temp dir (its pid file, worker sockets) lives inside it."""
     shutil.rmtree(state_dir, ignore_errors=True)
     (state_dir / "tmp").mkdir(parents=True, exist_ok=True)
-    # MMS writes its pid file to the temp dir; ours is fresh, but a plain /tmp may hold one.
-    stale = Path("/tmp/.model_server.pid")
-    try:
-        stale.unlink()
-    except OSError:
-        pass
 
 
 def install_requirements(code_dir: Path, target: Path) -> Path | None:
