@@ -223,7 +223,7 @@ def classify_directly(address: str, image: bytes, top_k: int, num_classes: int) 
 # -- 5: the Lambda function ---------------------------------------------------------------------
 
 # How each Lambda call is labelled in the output, padded to one width.
-LABELS = {key: f"{label:28}" for key, label in {
+LABELS = {key: f"{label:30}" for key, label in {
     "image": '{"image"}', "url": '{"url", "top_k"}', "function-url": "Function URL event, JPEG body",
     "bad": "bad event"}.items()}
 
