@@ -17,8 +17,8 @@ import re
 from kennel_aws.context import Aws, CliError, describe_or_none
 from kennel_aws.names import Names
 from kennel_aws.training import (CHECKPOINT_LOCAL_PATH, TENSORBOARD_LOCAL_PATH, add_job_arguments, check_data,
-                                 final_metrics, hyperparameters, job_definition, load_metric_definitions,
-                                 resolve_image, resolve_inputs, resolve_role)
+                                 check_pretrained, final_metrics, hyperparameters, job_definition,
+                                 load_metric_definitions, resolve_image, resolve_inputs, resolve_role)
 from kennel_aws.waiting import Poll, wait_for
 
 COMMAND = "train"
@@ -38,6 +38,7 @@ def training_request(aws: Aws, args: argparse.Namespace, names: Names, job_name:
     inputs = resolve_inputs(args, names)
     metrics = load_metric_definitions(args.metric_definitions)
     hps = hyperparameters(args.hyperparameter)
+    check_pretrained(inputs, hps)
     role = resolve_role(aws, args, names)
     image = resolve_image(aws, args, names.train_repository)
     check_data(aws, inputs)

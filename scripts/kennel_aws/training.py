@@ -135,6 +135,19 @@ def resolve_inputs(args: argparse.Namespace, names: Names) -> Inputs:
     return Inputs(channels, args.output or S3Uri(first.bucket, f"{names.base}/"))
 
 
+def check_pretrained(inputs: Inputs, hps: dict[str, str]) -> None:
+    """The training image starts from ImageNet weights by default and never downloads them.
+
+    Without a `pretrained` channel such a job would fail after paying for its
+    start-up; an explicit pretrained=true (an image with the weights in its
+    torch hub cache) or pretrained=false goes through.
+    """
+    if "pretrained" not in inputs.channels and "pretrained" not in hps:
+        raise CliError("the training image starts from ImageNet weights and never downloads them: pass "
+                       "--pretrained s3://.../ (holding torchvision's resnet50-0676ba61.pth, or the file for your "
+                       "architecture), or -p pretrained=false to train from random weights")
+
+
 def check_data(aws: Aws, inputs: Inputs) -> None:
     """Fail before paying for instances when a channel is empty or the layout is wrong."""
     if "training" in inputs.channels:

@@ -20,8 +20,8 @@ import argparse
 
 from kennel_aws.context import Aws, CliError, describe_or_none
 from kennel_aws.names import TUNING_NAME_MAX, Names
-from kennel_aws.training import (add_job_arguments, check_data, hyperparameters, job_definition,
-                                 load_metric_definitions, resolve_image, resolve_inputs, resolve_role)
+from kennel_aws.training import (add_job_arguments, check_data, check_pretrained, hyperparameters,
+                                 job_definition, load_metric_definitions, resolve_image, resolve_inputs, resolve_role)
 from kennel_aws.waiting import Poll, wait_for
 
 COMMAND = "tune"
@@ -96,6 +96,7 @@ def tuning_request(aws: Aws, args: argparse.Namespace, names: Names, job_name: s
         if tuned in static:
             raise CliError(f"{tuned} is tuned: give its range (--{tuned.replace('_', '-')} MIN:MAX), not -p {tuned}=")
     inputs = resolve_inputs(args, names)
+    check_pretrained(inputs, static)
     metrics = load_metric_definitions(args.metric_definitions)
     objective = objective_metric(metrics, args.objective_metric)
     role = resolve_role(aws, args, names)

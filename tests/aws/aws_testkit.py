@@ -19,6 +19,7 @@ REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account
 BUCKET = "kennel-data"
 DATA = f"s3://{BUCKET}/dogImages/"
+WEIGHTS = f"s3://{BUCKET}/weights/"
 FUNCTION = "kennel-classify"
 
 

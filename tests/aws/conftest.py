@@ -201,6 +201,7 @@ def staged(moto, aws, cli):
     s3.create_bucket(Bucket=BUCKET)
     for split in ("train", "valid", "test"):
         s3.put_object(Bucket=BUCKET, Key=f"dogImages/{split}/001.Affenpinscher/a.jpg", Body=b"jpeg")
+    s3.put_object(Bucket=BUCKET, Key="weights/resnet50-0676ba61.pth", Body=b"weights")
     ecr = aws("ecr")
     for repository in ("kennel-train", "kennel-serve"):
         ecr.create_repository(repositoryName=repository)
@@ -217,7 +218,7 @@ def staged(moto, aws, cli):
 @pytest.fixture
 def trained(cli, moto, staged, metric_definitions):
     status, _, err = cli("train", "--data", DATA, "--job-name", "kennel-t1", "--metric-definitions",
-                         str(metric_definitions), "--poll-seconds", "0.01")
+                         str(metric_definitions), "--poll-seconds", "0.01", "-p", "pretrained=false")
     assert status == 0, err
     moto.reset_recording()
 

@@ -14,7 +14,7 @@ import json
 import pytest
 from botocore.stub import Stubber
 
-from aws_testkit import ACCOUNT, BUCKET, DATA
+from aws_testkit import ACCOUNT, BUCKET, DATA, WEIGHTS
 
 pytestmark = pytest.mark.aws
 
@@ -78,7 +78,7 @@ def train_args(metric_definitions, *extra: str) -> list[str]:
 
 def test_train_original_layout_with_spot_twice(cli, moto, aws, staged, metric_definitions):
     argv = train_args(metric_definitions, "--job-name", "kennel-t1", "-p", "epochs=2", "-p", "learning_rate=0.01",
-                      "--spot", "--max-runtime", "3600", "--tags", "team=ml")
+                      "--spot", "--max-runtime", "3600", "--tags", "team=ml", "--pretrained", WEIGHTS)
     status, out, err = cli(*argv)
     assert status == 0, err
     job = aws("sagemaker").describe_training_job(TrainingJobName="kennel-t1")
@@ -86,8 +86,8 @@ def test_train_original_layout_with_spot_twice(cli, moto, aws, staged, metric_de
     assert job["AlgorithmSpecification"]["TrainingInputMode"] == "File"
     assert job["RoleArn"] == ROLE_ARN
     assert job["HyperParameters"] == {"epochs": "2", "learning_rate": "0.01"}
-    assert [c["ChannelName"] for c in job["InputDataConfig"]] == ["training"]
-    assert job["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == DATA
+    assert [c["ChannelName"] for c in job["InputDataConfig"]] == ["training", "pretrained"]
+    assert [c["DataSource"]["S3DataSource"]["S3Uri"] for c in job["InputDataConfig"]] == [DATA, WEIGHTS]
     assert job["OutputDataConfig"]["S3OutputPath"] == f"s3://{BUCKET}/kennel/models/"
     assert job["EnableManagedSpotTraining"] is True
     assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
@@ -116,7 +116,7 @@ def test_train_original_layout_with_spot_twice(cli, moto, aws, staged, metric_de
 
 def test_train_split_channels_fastfile_vpc_isolation(cli, moto, aws, staged, metric_definitions):
     status, _, err = cli("train", "--train", f"{DATA}train", "--valid", f"{DATA}valid", "--test", f"{DATA}test",
-                         "--pretrained", f"{DATA}train/001.Affenpinscher", "--input-mode", "FastFile",
+                         "--pretrained", WEIGHTS, "--input-mode", "FastFile",
                          "--subnets", "subnet-1,subnet-2", "--security-groups", "sg-1", "--network-isolation",
                          "--instance-type", "ml.g4dn.xlarge", "--instance-count", "2", "--no-tensorboard",
                          "--image", f"{TRAIN_URI}:custom", "--job-name", "kennel-split",
@@ -139,7 +139,8 @@ def test_train_split_channels_fastfile_vpc_isolation(cli, moto, aws, staged, met
 
 
 def test_train_dry_run_prints_the_request_and_sends_nothing(cli, moto, aws, staged, metric_definitions, planned):
-    status, out, err = cli(*train_args(metric_definitions, "--job-name", "kennel-dry", "--dry-run"))
+    status, out, err = cli(*train_args(metric_definitions, "--job-name", "kennel-dry", "--dry-run",
+                                       "-p", "pretrained=false"))
     assert status == 0, err
     assert moto.mutating() == []
     (request,) = planned(out)
@@ -160,16 +161,26 @@ def test_train_dry_run_prints_the_request_and_sends_nothing(cli, moto, aws, stag
      "no metric definitions at /nonexistent.json"),
 ])
 def test_train_refuses_bad_input_in_one_line(cli, moto, aws, staged, metric_definitions, extra, message):
-    argv = ["train", "--metric-definitions", str(metric_definitions), "--job-name", "kennel-bad", *extra]
+    argv = ["train", "--metric-definitions", str(metric_definitions), "--job-name", "kennel-bad",
+            "--pretrained", WEIGHTS, *extra]
     status, out, err = cli(*argv)
     assert status == 1
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert moto.mutating() == []
 
 
+def test_train_without_pretrained_weights_says_how_to_give_them(cli, moto, staged, metric_definitions):
+    status, _, err = cli(*train_args(metric_definitions))
+    assert status == 1
+    assert err == ("error: the training image starts from ImageNet weights and never downloads them: pass "
+                   "--pretrained s3://.../ (holding torchvision's resnet50-0676ba61.pth, or the file for your "
+                   "architecture), or -p pretrained=false to train from random weights\n")
+    assert moto.mutating() == []
+
+
 def test_train_without_role_says_how_to_make_one(cli, moto, aws, metric_definitions):
     aws("s3").create_bucket(Bucket=BUCKET)
-    status, _, err = cli(*train_args(metric_definitions, "--image", "x"))
+    status, _, err = cli(*train_args(metric_definitions, "--image", "x", "-p", "pretrained=false"))
     assert status == 1
     assert err == "error: no role kennel-sagemaker: run `aws.py role --bucket BUCKET` first, or pass --role-arn\n"
 
@@ -208,8 +219,9 @@ def test_train_failure_while_waiting_is_one_line(cli, monkeypatch, moto, metric_
 
 
 def test_tune_original_ranges_minimising_validation_loss(cli, moto, aws, staged, metric_definitions):
-    argv = ["tune", "--data", DATA, "--job-name", "kennel-tune-1", "--max-jobs", "6", "--parallel-jobs", "3",
-            "-p", "epochs=1", "--spot", "--metric-definitions", str(metric_definitions), "--poll-seconds", "0.01"]
+    argv = ["tune", "--data", DATA, "--pretrained", WEIGHTS, "--job-name", "kennel-tune-1", "--max-jobs", "6",
+            "--parallel-jobs", "3", "-p", "epochs=1", "--spot", "--metric-definitions", str(metric_definitions),
+            "--poll-seconds", "0.01"]
     status, out, err = cli(*argv)
     assert status == 0, err
     (sent,) = moto.sent("SageMaker.CreateHyperParameterTuningJob")
@@ -254,7 +266,7 @@ def test_tune_refuses_a_fixed_tuned_hyperparameter(cli, moto, staged, metric_def
 def test_tune_needs_a_validation_loss_metric(cli, moto, staged, tmp_path):
     definitions = tmp_path / "metrics.json"
     definitions.write_text(json.dumps([{"Name": "test:loss", "Regex": "Testing Loss: ([0-9\\.]+)"}]))
-    status, _, err = cli("tune", "--data", DATA, "--metric-definitions", str(definitions))
+    status, _, err = cli("tune", "--data", DATA, "--metric-definitions", str(definitions), "-p", "pretrained=false")
     assert status == 1
     assert err == "error: no validation-loss metric among test:loss: pass --objective-metric\n"
     assert moto.mutating() == []
