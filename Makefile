@@ -93,6 +93,15 @@ lambda-zip: ## build/lambda.zip (LAMBDA_ZIP=...): the Lambda package, handler ke
 smoke: venv image-serve ## end to end on this host: serve ./model (MODEL_DIR=...), classify the sample as JPEG, base64 JSON, URL, then via the Lambda handler
 	KENNEL_SERVE_IMAGE=$(SERVE_IMAGE) $(PY) scripts/smoke.py $(if $(MODEL_DIR),--model-dir $(MODEL_DIR))
 
+# Flags for `scripts/aws.py push`, e.g. AWS_ARGS='--region eu-west-1' or AWS_ARGS='--registry host:5000'.
+AWS_ARGS ?=
+.PHONY: push aws-test
+push: venv images ## push both images to ECR, repositories created when missing (AWS_ARGS='--region ...')
+	$(PY) scripts/aws.py push --train-image $(TRAIN_IMAGE) --serve-image $(SERVE_IMAGE) $(AWS_ARGS)
+
+aws-test: venv ## the AWS operator tests: moto in server mode and a local OCI registry
+	$(PY) -m pytest tests/aws
+
 test: venv ## the whole suite: unit, contract, containers (real engine), aws (moto + local registry)
 	$(PY) -m pytest tests
 

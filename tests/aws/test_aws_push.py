@@ -7,6 +7,7 @@ immutable tags, lifecycle policy, the authorization token) are tested against
 moto with --repos-only, and the Docker mechanics (tag, login, streamed push,
 digest) against Debian's docker-registry on 127.0.0.1, with and without basic
 auth; the ECR path hands the same push code an ECR token's credentials.
+The tests that drive the Docker engine are also marked `container`.
 """
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ REPO = Path(__file__).resolve().parents[2]
 TAG = "9.8.7-0123456789ab"  # <image version label>-<first 12 of the revision label>
 
 
+@pytest.mark.container  # the real Docker engine
 def test_loopback_registries_are_insecure_by_default(docker_client):
     insecure = docker_client.info()["RegistryConfig"]["InsecureRegistryCIDRs"]
     assert "127.0.0.0/8" in insecure
 
 
+@pytest.mark.container  # the real Docker engine
 def test_push_to_a_plain_registry_twice(cli, registry, tiny_images, docker_client):
     argv = ["push", "--registry", registry.host, "--train-image", tiny_images["train"],
             "--serve-image", tiny_images["serve"]]
@@ -51,6 +54,7 @@ def test_push_to_a_plain_registry_twice(cli, registry, tiny_images, docker_clien
     assert registry.catalog() == ["kennel-serve", "kennel-train"]
 
 
+@pytest.mark.container  # the real Docker engine
 def test_push_logs_in_to_a_registry_with_basic_auth(cli, auth_registry, tiny_images, monkeypatch):
     import io
     user, password = auth_registry.auth
@@ -63,6 +67,7 @@ def test_push_logs_in_to_a_registry_with_basic_auth(cli, auth_registry, tiny_ima
     assert out.split()[2] == auth_registry.manifest_digest("authdemo-train", TAG)
 
 
+@pytest.mark.container  # the real Docker engine
 def test_wrong_registry_password_is_one_line(cli, auth_registry, tiny_images, monkeypatch):
     import io
     monkeypatch.setattr("sys.stdin", io.StringIO("not-the-password\n"))
@@ -73,6 +78,7 @@ def test_wrong_registry_password_is_one_line(cli, auth_registry, tiny_images, mo
     assert auth_registry.catalog() == []
 
 
+@pytest.mark.container  # the real Docker engine
 def test_registry_dry_run_pushes_nothing(cli, registry, tiny_images, planned):
     status, out, err = cli("push", "--dry-run", "--registry", registry.host, "--train-image", tiny_images["train"],
                            "--serve-image", tiny_images["serve"])
@@ -84,6 +90,7 @@ def test_registry_dry_run_pushes_nothing(cli, registry, tiny_images, planned):
     assert registry.catalog() == []
 
 
+@pytest.mark.container  # the real Docker engine
 def test_missing_local_image_is_one_line(cli, registry):
     status, out, err = cli("push", "--registry", registry.host, "--train-image", "kennel-no-such-image:0")
     assert status == 1
