@@ -322,6 +322,11 @@ def run(args: argparse.Namespace) -> None:
         shutil.rmtree(images_dir, ignore_errors=True)
 
 
+def _interrupt(*_: object) -> None:
+    """SIGTERM (a CI job cancelled, `docker compose` stopping us) tears down like Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=Path(os.environ.get("MODEL_DIR") or REPO / "model"))
@@ -330,15 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for /ping")
     parser.add_argument("--top-k", type=int, default=3)
     args = parser.parse_args(argv)
-    # SIGTERM (CI cancelling the job) tears down like Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         run(args)
     except SmokeFailure as exc:
         say(f"FAILED at {Step.current}: {exc}")
         return 1
     except KeyboardInterrupt:
-        say("interrupted; everything it started is removed")
+        say("interrupted; what it had started is removed")
         return 130
     say("OK")
     return 0

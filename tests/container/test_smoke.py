@@ -11,6 +11,7 @@ import io
 import json
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -222,3 +223,24 @@ def test_smoke_on_a_model_serve_cannot_load_fails_and_removes_what_it_started(se
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("smoke: FAILED at ping: serve is exited"), result.stdout
     assert leftovers(project_of(result.stdout)) == ""
+
+
+def test_smoke_stopped_by_sigterm_removes_what_it_started(serve_image, model_dir):
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "smoke.py"), "--model-dir", str(model_dir),
+                                "--serve-image", serve_image], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "compose project" in line:
+                break
+        time.sleep(3)  # inside `docker compose up` or the wait for /ping
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = "".join(lines) + rest
+    assert process.returncode == 130, output
+    assert output.strip().splitlines()[-1] == "smoke: interrupted; what it had started is removed"
+    assert leftovers(project_of(output)) == ""
