@@ -263,10 +263,13 @@ def client_error_answer(exc: ClientError, endpoint: str) -> dict[str, Any]:
 
 
 def model_error_answer(response: dict[str, Any]) -> dict[str, Any]:
-    """The container's own non-2xx answer: its 4xx passed on with its message, anything else 502/504."""
+    """The container's own non-2xx answer: its 4xx passed on with its message, 429/503 as busy,
+    anything else 502 (504 when the runtime gave up waiting for it)."""
     status = response.get("OriginalStatusCode")
     original = response.get("OriginalMessage") or ""
     message = response.get("Error", {}).get("Message", "")
+    if status in (429, 503):  # the model server is overloaded (e.g. every worker busy): a retry may succeed
+        return busy_answer()
     if isinstance(status, int) and 400 <= status < 500:
         return answer(status, {"error": model_message(original) or f"the model rejected the request ({status})"})
     if "timed out" in (message + original).lower():

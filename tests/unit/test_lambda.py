@@ -180,6 +180,13 @@ def test_the_models_5xx_is_502_without_its_traceback(stub):
     assert "Traceback" not in response["body"] and body_of(response)["error"] == "the model failed (500)"
 
 
+@pytest.mark.parametrize("status", [429, 503])
+def test_an_overloaded_model_server_is_503_with_retry_after(stub, status):
+    model_error(stub, status, "all workers are busy")
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 503 and response["headers"]["Retry-After"] == "1"
+
+
 def test_a_container_timeout_is_504(stub):
     model_error(stub, 0, "", message='Received server error (0) from primary with message "Your invocation '
                                      'timed out while waiting for a response from container primary."')
