@@ -51,8 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     endpoint.add_argument("--instance-count", type=int, default=1, help="initial instances (%(default)s)")
     endpoint.add_argument("--startup-timeout", type=timeout_s, default=600, metavar="SECONDS",
                           help="ContainerStartupHealthCheckTimeoutInSeconds, 60-3600 (%(default)s)")
-    endpoint.add_argument("--download-timeout", type=timeout_s, default=600, metavar="SECONDS",
-                          help="ModelDataDownloadTimeoutInSeconds, 60-3600 (%(default)s)")
+    endpoint.add_argument("--download-timeout", type=timeout_s, metavar="SECONDS",
+                          help="ModelDataDownloadTimeoutInSeconds, 60-3600 (default: SageMaker's)")
     wait = parser.add_argument_group("waiting")
     wait.add_argument("--no-wait", action="store_true", help="return once the request is accepted")
     wait.add_argument("--poll-seconds", type=float, default=20.0, help="status poll interval (%(default)s)")
@@ -93,8 +93,9 @@ def model_request(aws: Aws, args: argparse.Namespace, names: Names) -> dict:
     if bool(args.subnets) != bool(args.security_groups):
         raise CliError("--subnets and --security-groups go together")
     image = args.image or newest_image_uri(aws, names.serve_repository)
-    container = {"Image": image, "ModelDataUrl": resolve_model_data(aws, args, names), "Mode": "SingleModel",
-                 "Environment": dict(args.env)}
+    container = {"Image": image, "ModelDataUrl": resolve_model_data(aws, args, names), "Mode": "SingleModel"}
+    if args.env:
+        container["Environment"] = dict(args.env)
     content = {"PrimaryContainer": container, "ExecutionRoleArn": resolve_role(aws, args, names),
                "EnableNetworkIsolation": args.network_isolation}
     if args.subnets:
@@ -107,8 +108,9 @@ def config_request(aws: Aws, args: argparse.Namespace, names: Names, model_name:
         raise CliError("--instance-count must be at least 1")
     variants = [{"VariantName": VARIANT, "ModelName": model_name, "InstanceType": args.instance_type,
                  "InitialInstanceCount": args.instance_count, "InitialVariantWeight": 1.0,
-                 "ContainerStartupHealthCheckTimeoutInSeconds": args.startup_timeout,
-                 "ModelDataDownloadTimeoutInSeconds": args.download_timeout}]
+                 "ContainerStartupHealthCheckTimeoutInSeconds": args.startup_timeout}]
+    if args.download_timeout:
+        variants[0]["ModelDataDownloadTimeoutInSeconds"] = args.download_timeout
     return {"EndpointConfigName": names.endpoint_config(variants), "ProductionVariants": variants,
             "Tags": aws.tag_list()}
 

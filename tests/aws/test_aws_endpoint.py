@@ -45,8 +45,7 @@ def test_deploy_creates_model_config_endpoint_then_changes_nothing(cli, moto, aw
     config = sagemaker.describe_endpoint_config(EndpointConfigName=fields["config"][0])
     assert config["ProductionVariants"] == [{
         "VariantName": "AllTraffic", "ModelName": fields["model"][0], "InstanceType": "ml.m5.large",
-        "InitialInstanceCount": 1, "InitialVariantWeight": 1.0, "ContainerStartupHealthCheckTimeoutInSeconds": 600,
-        "ModelDataDownloadTimeoutInSeconds": 600}]
+        "InitialInstanceCount": 1, "InitialVariantWeight": 1.0, "ContainerStartupHealthCheckTimeoutInSeconds": 600}]
     model = sagemaker.describe_model(ModelName=fields["model"][0])
     assert model["PrimaryContainer"]["Image"] == f"{SERVE_URI}:1.0.1-bbbbbbbbbbbb"
     assert model["PrimaryContainer"]["ModelDataUrl"] == MODEL_DATA
@@ -70,7 +69,7 @@ def test_deploy_from_model_data_with_timeouts_and_instance_settings(cli, moto, a
     assert status == 0, err
     (model,) = moto.sent("SageMaker.CreateModel")
     assert model["PrimaryContainer"] == {"Image": f"{SERVE_URI}:pinned", "ModelDataUrl": MODEL_DATA,
-                                         "Mode": "SingleModel", "Environment": {}}
+                                         "Mode": "SingleModel"}
     (config,) = moto.sent("SageMaker.CreateEndpointConfig")
     variant = config["ProductionVariants"][0]
     assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.c5.large", 2)
@@ -126,7 +125,7 @@ def not_found(stubber: Stubber, operation: str, what: str) -> None:
 
 
 # What deploy sends for DEPLOY_UPDATE; names carry a digest of this content (kennel_aws.names).
-CONTAINER = {"Image": f"{SERVE_URI}:2", "ModelDataUrl": MODEL_DATA, "Mode": "SingleModel", "Environment": {}}
+CONTAINER = {"Image": f"{SERVE_URI}:2", "ModelDataUrl": MODEL_DATA, "Mode": "SingleModel"}
 MODEL_CONTENT = {"PrimaryContainer": CONTAINER, "ExecutionRoleArn": ROLE_ARN, "EnableNetworkIsolation": False}
 DEPLOY_UPDATE = ["deploy", "--model-data", MODEL_DATA, "--image", f"{SERVE_URI}:2", "--role-arn", ROLE_ARN,
                  "--poll-seconds", "0.01", "--region", "us-east-1"]
@@ -138,7 +137,7 @@ def expected_names() -> tuple[str, str, list[dict]]:
     model = Names("kennel").model(MODEL_CONTENT)
     variants = [{"VariantName": "AllTraffic", "ModelName": model, "InstanceType": "ml.m5.large",
                  "InitialInstanceCount": 1, "InitialVariantWeight": 1.0,
-                 "ContainerStartupHealthCheckTimeoutInSeconds": 600, "ModelDataDownloadTimeoutInSeconds": 600}]
+                 "ContainerStartupHealthCheckTimeoutInSeconds": 600}]
     return model, Names("kennel").endpoint_config(variants), variants
 
 
