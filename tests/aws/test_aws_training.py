@@ -275,3 +275,12 @@ def test_tune_needs_a_validation_loss_metric(cli, moto, staged, tmp_path):
 def test_tune_name_longer_than_32_is_refused(cli, moto):
     status, _, err = cli("tune", "--data", DATA, "--job-name", "k" * 33)
     assert status == 1 and "longer than 32 characters" in err
+
+
+def test_the_training_image_metric_definitions_give_the_tuning_objective():
+    """The file the training image exports: what train and tune send by default."""
+    from kennel_aws.training import METRIC_DEFINITIONS, load_metric_definitions
+    from kennel_aws.tune import objective_metric
+    definitions = load_metric_definitions(METRIC_DEFINITIONS)
+    assert objective_metric(definitions, None) == "valid:loss"
+    assert r"Testing Loss: ([0-9\.]+)" in [d["Regex"] for d in definitions]  # the original tuning regex still works
