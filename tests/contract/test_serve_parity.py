@@ -1,7 +1,9 @@
 """What the endpoint computes for an image is what training evaluated.
 
 Serving path: kennel_serve's request decoding -> the artifact's Preprocessing.apply ->
-ONNX Runtime. Training's evaluation path: ImageFolder's loader (PIL convert("RGB")) ->
+ONNX Runtime. Compared with training's own evaluation dataset (kennel_train.data:
+ImageFiles + EvalTransform, reading the image from a file) and, independently, with
+the reference it must agree with: ImageFolder's loader (PIL convert("RGB")) ->
 torchvision's eval transform -> the PyTorch model with the same weights. Checked on real
 encoded images of every mode a client sends (JPEG, PNG, grey, RGBA, palette with and
 without transparency, 16-bit, CMYK) for both preprocessings: the ImageNet one new
@@ -20,6 +22,7 @@ import kennel_artifact
 from bench_serve import build_network, write_random_model
 from kennel_serve.engine import KennelModel
 from kennel_serve.inputs import decode_request
+from kennel_train.data import EvalTransform, ImageFiles
 from kennel_train.sample import draw_image
 
 
@@ -75,11 +78,16 @@ def models(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", IMAGES)
-def test_serving_equals_training_evaluation(models, name):
+def test_serving_equals_training_evaluation(models, name, tmp_path):
     served, eager, preprocessing = models
     data = IMAGES[name]()
     (image,) = decode_request(data, "application/octet-stream", fetch_url=None, max_images=1, max_pixels=10**8)
     serving_input = served.preprocess([image])
+
+    (tmp_path / "image").write_bytes(data)
+    evaluated, _, _ = ImageFiles([(str(tmp_path / "image"), 0)], EvalTransform(preprocessing))[0]
+    np.testing.assert_array_equal(serving_input[0], evaluated.numpy())  # the very same function, bit for bit
+
     training_input = training_eval_transform(preprocessing)(imagefolder_loader(data)).unsqueeze(0)
     np.testing.assert_allclose(serving_input, training_input.numpy(), atol=1e-6, rtol=0)
 
