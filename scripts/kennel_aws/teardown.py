@@ -4,7 +4,8 @@
   concurrency, alias `live` and function (all its versions); its role NAME-lambda
   and inline policies; the endpoint NAME (waiting until it is gone); this
   deployment's endpoint configs and models (name NAME-<digest> and tag
-  kennel:deployment=NAME); the execution role NAME-sagemaker; with
+  kennel:deployment=NAME); the execution role NAME-sagemaker (kept while a
+  training or tuning job of the deployment still runs); with
   --delete-images, the ECR repositories NAME-train and NAME-serve and their images.
 
 It lists what it found and asks before deleting (unless --yes). It carries on
@@ -94,7 +95,11 @@ def plan(aws: Aws, names: Names, args: argparse.Namespace) -> tuple[list[Step], 
         add("model", model, True, lambda model=model: aws.send("sagemaker", "delete_model", ModelName=model))
 
     if not args.keep_roles:
+        running = running_jobs(aws, names)
         for role in (names.lambda_role, names.sagemaker_role):
+            if role == names.sagemaker_role and running:
+                aws.console.note(f"left: iam role {role}, in use by running jobs {', '.join(running)}")
+                continue
             found = describe_or_none(aws.client("iam").get_role, RoleName=role)
             add("iam role", role, found is not None, lambda role=role: delete_role(aws, role))
     if args.delete_images:
@@ -105,6 +110,18 @@ def plan(aws: Aws, names: Names, args: argparse.Namespace) -> tuple[list[Step], 
                 lambda repository=repository: aws.send("ecr", "delete_repository", repositoryName=repository,
                                                        force=True))
     return steps, absent
+
+
+def running_jobs(aws: Aws, names: Names) -> list[str]:
+    """Training and tuning jobs of this deployment still running (they need the execution role)."""
+    sagemaker = aws.client("sagemaker")
+    running = []
+    for operation, key, name_key in (("list_training_jobs", "TrainingJobSummaries", "TrainingJobName"),
+                                     ("list_hyper_parameter_tuning_jobs", "HyperParameterTuningJobSummaries",
+                                      "HyperParameterTuningJobName")):
+        for page in sagemaker.get_paginator(operation).paginate(NameContains=names.base, StatusEquals="InProgress"):
+            running += [item[name_key] for item in page[key] if item[name_key].startswith(f"{names.base}-")]
+    return sorted(running)
 
 
 def deployment_resources(aws: Aws, names: Names, operation: str, key: str, name_key: str,
