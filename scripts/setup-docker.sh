@@ -27,9 +27,14 @@ if ! docker info >/dev/null 2>&1; then
   if dockerd_alive; then
     log "dockerd (pid $(cat "$DOCKERD_PID")) is running but not answering yet: waiting"
   else
-    # A dockerd that died (host crash, kill -9) leaves its pid file behind, and a
-    # new dockerd refuses to start while it is there.
+    # A dockerd killed with its host session (kill -9, crash) leaves pid files
+    # behind; once their pids are reused by other processes, a new dockerd refuses
+    # to start (docker.pid) or waits for a containerd that is not there.
     [ -e "$DOCKERD_PID" ] && { log "removing stale $DOCKERD_PID"; rm -f "$DOCKERD_PID"; }
+    containerd_pid=/var/run/docker/containerd/containerd.pid
+    if [ -s "$containerd_pid" ] && [ "$(cat "/proc/$(cat "$containerd_pid")/comm" 2>/dev/null)" != containerd ]; then
+      log "removing stale $containerd_pid"; rm -f "$containerd_pid"
+    fi
     log "starting dockerd (log: $DOCKERD_LOG)"
     printf '\n=== %s setup-docker.sh starts dockerd ===\n' "$(date -Is)" >>"$DOCKERD_LOG"
     # setsid: its own session, so it outlives the shell (and CI step) that started it.
