@@ -74,10 +74,10 @@ def remove(aws: Aws, names: Names) -> None:
     keys = {"ServiceNamespace": NAMESPACE, "ResourceId": names.scaling_resource_id, "ScalableDimension": DIMENSION}
     if scaling_policy(aws, names):
         aws.send("application-autoscaling", "delete_scaling_policy", PolicyName=names.scaling_policy, **keys)
-        aws.console.note(f"scaling policy {names.scaling_policy}: deleted")
+        aws.changed(f"scaling policy {names.scaling_policy}: deleted")
     if scalable_target(aws, names):
         aws.send("application-autoscaling", "deregister_scalable_target", **keys)
-        aws.console.note(f"scalable target {names.scaling_resource_id}: deregistered")
+        aws.changed(f"scalable target {names.scaling_resource_id}: deregistered")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -104,11 +104,11 @@ def run(args: argparse.Namespace) -> None:
     if current is None:
         aws.send("application-autoscaling", "register_scalable_target", **keys, MinCapacity=args.min_capacity,
                  MaxCapacity=args.max_capacity, Tags=aws.tag_map())
-        aws.console.note(f"scalable target {names.scaling_resource_id}: registered")
+        aws.changed(f"scalable target {names.scaling_resource_id}: registered")
     elif (current["MinCapacity"], current["MaxCapacity"]) != (args.min_capacity, args.max_capacity):
         aws.send("application-autoscaling", "register_scalable_target", **keys, MinCapacity=args.min_capacity,
                  MaxCapacity=args.max_capacity)
-        aws.console.note(f"scalable target {names.scaling_resource_id}: min/max updated")
+        aws.changed(f"scalable target {names.scaling_resource_id}: min/max updated")
     else:
         aws.console.note(f"scalable target {names.scaling_resource_id}: unchanged")
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         aws.send("application-autoscaling", "put_scaling_policy", PolicyName=names.scaling_policy, **keys,
                  PolicyType="TargetTrackingScaling", TargetTrackingScalingPolicyConfiguration=wanted)
-        aws.console.note(f"scaling policy {names.scaling_policy}: {'updated' if policy else 'created'}")
+        aws.changed(f"scaling policy {names.scaling_policy}: {'updated' if policy else 'created'}")
     aws.console.result(f"autoscale {names.scaling_resource_id} min {args.min_capacity} max {args.max_capacity} "
                        f"target {target:g} {METRIC}")
 

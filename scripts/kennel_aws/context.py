@@ -153,6 +153,10 @@ class Aws:
             return None
         return getattr(client, operation)(**params)
 
+    def changed(self, message: str) -> None:
+        """Progress note for a change just sent (or, under --dry-run, printed and not sent)."""
+        self.console.note(f"dry run, not sent: {message}" if self.dry_run else message)
+
     def tag_list(self, extra: dict[str, str] | None = None) -> list[dict[str, str]]:
         """Tags as [{"Key": k, "Value": v}] (SageMaker, ECR, IAM)."""
         return [{"Key": key, "Value": value} for key, value in sorted({**self.tags, **(extra or {})}.items())]

@@ -121,7 +121,7 @@ def ensure_model(aws: Aws, request: dict) -> None:
         aws.console.note(f"model {name}: exists (same content)")
     else:
         aws.send("sagemaker", "create_model", **request)
-        aws.console.note(f"model {name}: created")
+        aws.changed(f"model {name}: created")
 
 
 def ensure_endpoint_config(aws: Aws, request: dict) -> None:
@@ -130,7 +130,7 @@ def ensure_endpoint_config(aws: Aws, request: dict) -> None:
         aws.console.note(f"endpoint config {name}: exists (same content)")
     else:
         aws.send("sagemaker", "create_endpoint_config", **request)
-        aws.console.note(f"endpoint config {name}: created")
+        aws.changed(f"endpoint config {name}: created")
 
 
 def has_scalable_target(aws: Aws, names: Names) -> bool:
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> None:
     if endpoint is None:
         aws.send("sagemaker", "create_endpoint", EndpointName=names.endpoint, EndpointConfigName=config_name,
                  Tags=aws.tag_list())
-        aws.console.note(f"endpoint {names.endpoint}: creating with {config_name}")
+        aws.changed(f"endpoint {names.endpoint}: creating with {config_name}")
     elif endpoint["EndpointStatus"] in FAILED:
         raise CliError(f"endpoint {names.endpoint} is {endpoint['EndpointStatus']} "
                        f"({endpoint.get('FailureReason', 'no reason given')}): "
@@ -178,8 +178,8 @@ def run(args: argparse.Namespace) -> None:
             refuse_instance_type_change(aws, endpoint["EndpointConfigName"], args.instance_type)
         aws.send("sagemaker", "update_endpoint", EndpointName=names.endpoint, EndpointConfigName=config_name,
                  RetainAllVariantProperties=retain)
-        aws.console.note(f"endpoint {names.endpoint}: updating from {endpoint['EndpointConfigName']} to {config_name}"
-                         + (" (keeping the auto-scaled instance count)" if retain else ""))
+        aws.changed(f"endpoint {names.endpoint}: updating from {endpoint['EndpointConfigName']} to {config_name}"
+                    + (" (keeping the auto-scaled instance count)" if retain else ""))
     if not (aws.dry_run or args.no_wait):
         final = wait_in_service(aws, names, poll)
         if final["EndpointConfigName"] != config_name:

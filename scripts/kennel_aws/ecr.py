@@ -27,7 +27,7 @@ def ensure_repository(aws: Aws, name: str, keep: int) -> str:
                            imageTagMutability="IMMUTABLE", imageScanningConfiguration={"scanOnPush": True},
                            encryptionConfiguration={"encryptionType": "AES256"})
         uri = created["repository"]["repositoryUri"] if created else planned_uri(aws, name)
-        aws.console.note(f"repository {name}: created")
+        aws.changed(f"repository {name}: created")
         current_policy = None
     else:
         repository = found["repositories"][0]

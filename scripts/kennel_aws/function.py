@@ -128,20 +128,20 @@ def ensure_function(aws: Aws, args: argparse.Namespace, names: Names, role_arn: 
                    "Tags": aws.tag_map()}
         retry_while_propagating(lambda: aws.send("lambda", "create_function", **request), aws=aws,
                                 what=f"function {names.function}", is_propagation_error=role_not_ready)
-        aws.console.note(f"function {names.function}: created")
+        aws.changed(f"function {names.function}: created")
         wait_function(aws, names, "function_active_v2")
         return
     current = found["Configuration"]
     if current.get("CodeSha256") != code_sha256(code) or current.get("Architectures") != [args.architecture]:
         aws.send("lambda", "update_function_code", FunctionName=names.function, ZipFile=code,
                  Architectures=[args.architecture])
-        aws.console.note(f"function {names.function}: code updated")
+        aws.changed(f"function {names.function}: code updated")
         wait_function(aws, names, "function_updated_v2")
     if configuration_differs(current, wanted):
         retry_while_propagating(
             lambda: aws.send("lambda", "update_function_configuration", FunctionName=names.function, **wanted),
             aws=aws, what=f"function {names.function}", is_propagation_error=role_not_ready)
-        aws.console.note(f"function {names.function}: configuration updated")
+        aws.changed(f"function {names.function}: configuration updated")
         wait_function(aws, names, "function_updated_v2")
     elif current.get("CodeSha256") == code_sha256(code):
         aws.console.note(f"function {names.function}: unchanged")
@@ -182,11 +182,11 @@ def ensure_alias(aws: Aws, names: Names, version: str) -> bool:
     if alias is None:
         aws.send("lambda", "create_alias", FunctionName=names.function, Name=ALIAS, FunctionVersion=version,
                  Description="what callers invoke")
-        aws.console.note(f"alias {ALIAS}: created -> {version}")
+        aws.changed(f"alias {ALIAS}: created -> {version}")
         return True
     if alias["FunctionVersion"] != version:
         aws.send("lambda", "update_alias", FunctionName=names.function, Name=ALIAS, FunctionVersion=version)
-        aws.console.note(f"alias {ALIAS}: {alias['FunctionVersion']} -> {version}")
+        aws.changed(f"alias {ALIAS}: {alias['FunctionVersion']} -> {version}")
         return True
     aws.console.note(f"alias {ALIAS}: unchanged ({version})")
     return False
@@ -198,12 +198,12 @@ def ensure_provisioned_concurrency(aws: Aws, names: Names, wanted: int, poll: Po
     if wanted == 0:
         if current is not None:
             aws.send("lambda", "delete_provisioned_concurrency_config", FunctionName=names.function, Qualifier=ALIAS)
-            aws.console.note(f"provisioned concurrency on {ALIAS}: removed")
+            aws.changed(f"provisioned concurrency on {ALIAS}: removed")
         return
     if current is None or current["RequestedProvisionedConcurrentExecutions"] != wanted:
         aws.send("lambda", "put_provisioned_concurrency_config", FunctionName=names.function, Qualifier=ALIAS,
                  ProvisionedConcurrentExecutions=wanted)
-        aws.console.note(f"provisioned concurrency on {ALIAS}: {wanted} requested")
+        aws.changed(f"provisioned concurrency on {ALIAS}: {wanted} requested")
     if aws.dry_run:
         return
     wait_for(f"provisioned concurrency on {names.function}:{ALIAS}",
@@ -220,11 +220,11 @@ def ensure_reserved_concurrency(aws: Aws, names: Names, wanted: int | None) -> N
         return
     if wanted is None:
         aws.send("lambda", "delete_function_concurrency", FunctionName=names.function)
-        aws.console.note("reserved concurrency: removed")
+        aws.changed("reserved concurrency: removed")
     else:
         aws.send("lambda", "put_function_concurrency", FunctionName=names.function,
                  ReservedConcurrentExecutions=wanted)
-        aws.console.note(f"reserved concurrency: {wanted}")
+        aws.changed(f"reserved concurrency: {wanted}")
 
 
 def run(args: argparse.Namespace) -> None:

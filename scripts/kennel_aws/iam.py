@@ -27,18 +27,18 @@ def ensure_role(aws: Aws, *, role_name: str, trust: dict, policy_name: str, poli
         response = aws.send("iam", "create_role", RoleName=role_name, AssumeRolePolicyDocument=aws_json(trust),
                             Description=description, Tags=aws.tag_list(), MaxSessionDuration=3600)
         arn = response["Role"]["Arn"] if response else aws.arn("iam", f"role/{role_name}", regional=False)
-        aws.console.note(f"role {role_name}: created")
+        aws.changed(f"role {role_name}: created")
         current_policy = None
     else:
         arn = found["Role"]["Arn"]
         if found["Role"].get("AssumeRolePolicyDocument") != trust:
             aws.send("iam", "update_assume_role_policy", RoleName=role_name, PolicyDocument=aws_json(trust))
-            aws.console.note(f"role {role_name}: trust policy updated")
+            aws.changed(f"role {role_name}: trust policy updated")
         current = describe_or_none(iam.get_role_policy, RoleName=role_name, PolicyName=policy_name)
         current_policy = current["PolicyDocument"] if current else None
     if current_policy != policy:
         aws.send("iam", "put_role_policy", RoleName=role_name, PolicyName=policy_name, PolicyDocument=aws_json(policy))
-        aws.console.note(f"role {role_name}: inline policy {policy_name} {'set' if created else 'updated'}")
+        aws.changed(f"role {role_name}: inline policy {policy_name} {'set' if created else 'updated'}")
     elif not created:
         aws.console.note(f"role {role_name}: unchanged")
     return arn, created

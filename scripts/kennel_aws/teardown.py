@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from botocore.exceptions import ClientError
@@ -46,13 +46,6 @@ class Step:
     kind: str
     name: str
     delete: Callable[[], None]
-
-
-@dataclass
-class Outcome:
-    deleted: list[str] = field(default_factory=list)
-    absent: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
 
 
 def plan(aws: Aws, names: Names, args: argparse.Namespace) -> tuple[list[Step], list[str]]:
@@ -177,24 +170,24 @@ def confirm(steps: list[Step], args: argparse.Namespace) -> None:
         raise CliError("nothing deleted")
 
 
-def execute(aws: Aws, steps: list[Step]) -> Outcome:
-    outcome = Outcome()
+def execute(aws: Aws, steps: list[Step]) -> list[str]:
+    """Run the deletions in order, past failures; returns the labels that could not be deleted."""
+    failed = []
     for step in steps:
         label = f"{step.kind} {step.name}"
         try:
             step.delete()
         except ClientError as error:
             if is_not_found(error):
-                outcome.absent.append(label)
+                aws.console.note(f"already gone: {label}")
                 continue
             info = error.response.get("Error", {})
-            outcome.failed.append(label)
+            failed.append(label)
             aws.console.note(f"could not delete {label}: {info.get('Code')}: {info.get('Message')}")
             continue
-        outcome.deleted.append(label)
         if not aws.dry_run:
-            aws.console.note(f"deleted {label}")
-    return outcome
+            aws.console.result(f"deleted {label}")
+    return failed
 
 
 def run(args: argparse.Namespace) -> None:
@@ -211,14 +204,10 @@ def run(args: argparse.Namespace) -> None:
     for step in steps:
         aws.console.note(f"  {step.kind} {step.name}")
     confirm(steps, args)
-    outcome = execute(aws, steps)
-    outcome.absent[:0] = absent
-    if not aws.dry_run:
-        for label in outcome.deleted:
-            aws.console.result(f"deleted {label}")
+    failed = execute(aws, steps)
     report_left(aws, names, args)
-    if outcome.failed:
-        raise CliError(f"teardown left {len(outcome.failed)} resources: {', '.join(outcome.failed)}")
+    if failed:
+        raise CliError(f"teardown left {len(failed)} resources: {', '.join(failed)}")
 
 
 def report_left(aws: Aws, names: Names, args: argparse.Namespace) -> None:
