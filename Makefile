@@ -22,7 +22,7 @@ KENNEL_PRETRAINED_DIR ?=
 LAMBDA_ZIP ?= build/lambda.zip
 
 .PHONY: help setup venv build-ca test test-host images image-train image-serve train train-distributed sample data demo clean lambda-zip smoke
-.PHONY: loadtest
+.PHONY: loadtest serve bench-serve
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
@@ -49,6 +49,15 @@ image-train: build-ca ## build kennel-train (TORCH_INDEX_URL=https://download.py
 
 image-serve: build-ca ## build kennel-serve
 	docker build -f containers/serve/Dockerfile -t $(SERVE_IMAGE) .
+
+serve: image-serve ## serve ./model on 127.0.0.1:8080 with docker compose (KENNEL_MODEL_DIR=dir: another model)
+	$(if $(KENNEL_MODEL_DIR),KENNEL_MODEL_DIR=$(abspath $(KENNEL_MODEL_DIR))) KENNEL_SERVE_IMAGE=$(SERVE_IMAGE) \
+	  $(COMPOSE) up serve
+
+# Extra flags for scripts/bench_serve.py, e.g. BENCH_SERVE_ARGS='--layouts 1x2,2x1,1x1 --json bench.json'.
+BENCH_SERVE_ARGS ?=
+bench-serve: venv image-serve ## serving benchmark: latency and throughput vs in-process and the original, cold start, size
+	$(PY) scripts/bench_serve.py --image $(SERVE_IMAGE) $(BENCH_SERVE_ARGS)
 
 train: image-train ## train with docker compose (KENNEL_DATA_DIR=path/to/dogImages; default: the bundled sample)
 	mkdir -p model output checkpoints

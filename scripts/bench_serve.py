@@ -1,47 +1,63 @@
-"""Serving benchmark (placeholder: the model writer used by the tests; the benchmark follows)."""
+"""Serving benchmark: the serving image against its in-process engine and the original's way.
+
+    python scripts/bench_serve.py                      # ResNet-50, 133 classes, layouts 1x2 and 2x1
+    python scripts/bench_serve.py --layouts 1x2,2x1,1x1 --rounds 5 --json bench.json
+
+Everything is measured side by side in one run on this machine (shared hosts are
+noisy, so only ratios taken in the same run count), with a random-weight model
+of the original's shape (torchvision ResNet-50 + Linear(2048,128)-ReLU-Linear(128,133),
+converted like an original model: Resize((224, 224)), no normalisation) and
+500x375 JPEGs (a typical dog photo):
+
+- in-process: decode + preprocess + forward with the same engine (ONNX Runtime,
+  kennel_serve.engine) and the same threads as a serving worker; median time.
+- the original's way: PyTorch eager on the same weights, torchvision transforms,
+  torch's default threads (what the managed PyTorch container's model_fn did).
+- served: `docker run IMAGE serve` (SAGEMAKER_MODEL_SERVER_WORKERS x KENNEL_ORT_THREADS
+  per layout), POST /invocations over 127.0.0.1 with a keep-alive connection:
+  p50 of sequential requests, and the best throughput of closed-loop runs at
+  1, 2 and 4 requests per worker in flight (saturation).
+- cold start: `docker run` to the first 200 from POST /invocations, default layout.
+- image size: `docker image inspect`.
+
+Targets (docs/benchmarks.md): served p50 <= 1.15 x in-process (same threads);
+throughput >= 0.85 x CPUs / single-thread in-process time; served p50 at least 2 x
+faster than the original's way; cold start <= 10 s; image <= 1 GB.
+
+write_random_model / build_network are also what the tests use to make models.
+"""
 from __future__ import annotations
 
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
 import warnings
 from pathlib import Path
 
-import kennel_artifact
+REPO = Path(__file__).resolve().parents[1]
+# Run from a checkout: the packages sit beside scripts/ (pytest puts them on the path itself).
+for _path in ("containers/artifact", "containers/serve", "containers/train", "scripts"):
+    if str(REPO / _path) not in sys.path:
+        sys.path.append(str(REPO / _path))
 
+import kennel_artifact  # noqa: E402
+TARGETS = {"latency_ratio_max": 1.15, "throughput_ratio_min": 0.85, "speedup_vs_original_min": 2.0,
+           "cold_start_s_max": 10.0, "image_bytes_max": 1_000_000_000}
+
+
+# --------------------------------------------------------------------------- models
 
 def class_names(count: int) -> list[str]:
     """dogImages-style folder names, sorted: '001.Breed_1' ... """
     return [f"{i:03d}.Breed_{i}" for i in range(1, count + 1)]
-
-
-def write_random_model(model_dir: str | Path, architecture: str = "resnet18", num_classes: int = 5,
-                       preprocessing: kennel_artifact.Preprocessing = kennel_artifact.IMAGENET_EVAL,
-                       seed: int = 0, weights: bool = False) -> Path:
-    """A kennel model dir from a torchvision network with random weights (no download).
-
-    The head is the original system's Linear(features, 128) -> ReLU -> Linear(128, classes).
-    weights=True also writes model.pth (the PyTorch state_dict) for the eager baseline.
-    """
-    import torch
-    import torchvision
-
-    torch.manual_seed(seed)
-    model = build_network(architecture, num_classes)
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    height, width = preprocessing.input_size
-    example = torch.zeros(1, 3, height, width)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(model_dir / kennel_artifact.ONNX_FILE),
-                          input_names=[kennel_artifact.ONNX_INPUT], output_names=[kennel_artifact.ONNX_OUTPUT],
-                          dynamic_axes={kennel_artifact.ONNX_INPUT: {0: "batch"}, kennel_artifact.ONNX_OUTPUT: {0: "batch"}},
-                          dynamo=False)
-    if weights:
-        torch.save(model.state_dict(), model_dir / kennel_artifact.WEIGHTS_FILE)
-    manifest = kennel_artifact.Manifest(
-        architecture=architecture, class_names=class_names(num_classes), preprocessing=preprocessing,
-        head={"hidden": 128}, versions={"torch": torch.__version__, "torchvision": torchvision.__version__})
-    kennel_artifact.write_manifest(model_dir, manifest)
-    return model_dir
 
 
 def build_network(architecture: str, num_classes: int):
@@ -53,3 +69,285 @@ def build_network(architecture: str, num_classes: int):
     model.fc = torch.nn.Sequential(torch.nn.Linear(model.fc.in_features, 128), torch.nn.ReLU(inplace=True),
                                    torch.nn.Linear(128, num_classes))
     return model.eval()
+
+
+def write_random_model(model_dir: str | Path, architecture: str = "resnet18", num_classes: int = 5,
+                       preprocessing: kennel_artifact.Preprocessing = kennel_artifact.IMAGENET_EVAL,
+                       seed: int = 0, weights: bool = False) -> Path:
+    """A kennel model dir from a torchvision network with random weights (no download).
+
+    weights=True also writes model.pth (the PyTorch state_dict) for an eager baseline.
+    """
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = build_network(architecture, num_classes)
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    height, width = preprocessing.input_size
+    example = torch.zeros(1, 3, height, width)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (example,), str(model_dir / kennel_artifact.ONNX_FILE),
+                          input_names=[kennel_artifact.ONNX_INPUT], output_names=[kennel_artifact.ONNX_OUTPUT],
+                          dynamic_axes={kennel_artifact.ONNX_INPUT: {0: "batch"},
+                                        kennel_artifact.ONNX_OUTPUT: {0: "batch"}},
+                          dynamo=False)
+    if weights:
+        torch.save(model.state_dict(), model_dir / kennel_artifact.WEIGHTS_FILE)
+    manifest = kennel_artifact.Manifest(
+        architecture=architecture, class_names=class_names(num_classes), preprocessing=preprocessing,
+        head={"hidden": 128}, versions={"torch": torch.__version__, "torchvision": torchvision.__version__})
+    kennel_artifact.write_manifest(model_dir, manifest)
+    return model_dir
+
+
+# --------------------------------------------------------------------------- in process
+
+def time_calls(call, payloads: list[bytes], count: int) -> float:
+    """Median seconds of call(payload) over count calls (after two untimed ones)."""
+    for payload in payloads[:2]:
+        call(payload)
+    times = []
+    for i in range(count):
+        started = time.perf_counter()
+        call(payloads[i % len(payloads)])
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def onnx_pipeline(model_dir: Path, threads: int):
+    """decode + preprocess + forward exactly as a serving worker with `threads` engine threads does it."""
+    from kennel_serve.engine import KennelModel
+    from kennel_serve.inputs import decode_request
+
+    model = KennelModel.load(model_dir, threads=threads, spinning=threads > 1)
+
+    def call(payload: bytes):
+        images = decode_request(payload, "image/jpeg", fetch_url=None, max_images=1,
+                                max_pixels=kennel_artifact.DEFAULT_MAX_PIXELS)
+        return model.predict(images)
+    return call
+
+
+def eager_pipeline(model_dir: Path, architecture: str, num_classes: int):
+    """The original's model_fn/predict_fn: PyTorch eager, torchvision transforms, default threads."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    network = build_network(architecture, num_classes)
+    network.load_state_dict(torch.load(model_dir / kennel_artifact.WEIGHTS_FILE, weights_only=True))
+    transform = transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor()])
+
+    def call(payload: bytes):
+        image = Image.open(io.BytesIO(payload)).convert("RGB")
+        with torch.no_grad():
+            return network(transform(image).unsqueeze(0))
+    return call
+
+
+# --------------------------------------------------------------------------- served
+
+def free_port() -> int:
+    import random
+    import socket
+    for _ in range(200):
+        port = random.randint(20000, 32000)  # MMS refuses ports from 32767 up
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+class ServedImage:
+    """`docker run -d IMAGE serve` with the model mounted read-only, published on 127.0.0.1."""
+
+    def __init__(self, image: str, model_dir: Path, env: dict[str, str]):
+        self.name = f"kennel-bench-{uuid.uuid4().hex[:8]}"
+        self.port = free_port()
+        args = ["docker", "run", "-d", "--rm", "--name", self.name, "-p", f"127.0.0.1:{self.port}:8080",
+                "-v", f"{model_dir}:/opt/ml/model:ro"]
+        for key, value in env.items():
+            args += ["-e", f"{key}={value}"]
+        self.started = time.monotonic()
+        subprocess.run(args + [image, "serve"], check=True, capture_output=True, timeout=120)
+        self.url = f"http://127.0.0.1:{self.port}/invocations"
+
+    def first_answer(self, payload: bytes, timeout_s: float = 300) -> float:
+        """Seconds from `docker run` to the first 200 from POST /invocations."""
+        from kennel_load.client import Connection, Target
+        connection = Connection(Target(self.url, timeout_s=10))
+        while time.monotonic() - self.started < timeout_s:
+            try:
+                status, _ = connection.post(payload)
+                if status == 200:
+                    return time.monotonic() - self.started
+            except OSError:
+                pass
+            finally:
+                connection.close()
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name}: no answer within {timeout_s} s")
+
+    def stop(self) -> None:
+        subprocess.run(["docker", "stop", "--time", "30", self.name], capture_output=True, timeout=120)
+
+
+def sequential_p50(url: str, payloads: list[bytes], count: int) -> float:
+    from kennel_load.client import Target, run_closed_loop
+    from kennel_load.stats import summarize
+    step = summarize(run_closed_loop(Target(url), payloads, 1, duration_s=600, max_requests=count))
+    if step.successes != step.requests:
+        raise RuntimeError(f"failed requests: {step.errors}")
+    return step.p50
+
+
+def saturation(url: str, payloads: list[bytes], workers: int, seconds: float) -> dict:
+    from kennel_load.client import Target, run_closed_loop
+    from kennel_load.stats import summarize
+    steps = {}
+    for in_flight in (workers, 2 * workers, 4 * workers):
+        step = summarize(run_closed_loop(Target(url), payloads, in_flight, duration_s=seconds, max_requests=10**6))
+        steps[in_flight] = {"throughput": step.throughput, "p50": step.p50, "p99": step.p99,
+                            "errors": step.errors}
+    return steps
+
+
+# --------------------------------------------------------------------------- report
+
+def machine() -> dict:
+    from kennel_serve.cpus import available_cpus
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    docker = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True,
+                            text=True).stdout.strip()
+    return {"cpu": model, "cpus": available_cpus(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
+                                                                         * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "kernel": platform.release(), "python": platform.python_version(), "docker": docker,
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def parse_layouts(text: str) -> list[tuple[int, int]]:
+    layouts = []
+    for item in text.split(","):
+        workers, _, threads = item.strip().partition("x")
+        layouts.append((int(workers), int(threads)))
+    return layouts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image", default=os.environ.get("KENNEL_SERVE_IMAGE", "kennel-serve:latest"))
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--classes", type=int, default=133)
+    parser.add_argument("--layouts", default="1x2,2x1", help="WORKERSxTHREADS,... to serve with")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating in-process/served rounds per layout")
+    parser.add_argument("--requests", type=int, default=60, help="sequential requests per round")
+    parser.add_argument("--saturation-s", type=float, default=12.0, help="seconds per saturation step")
+    parser.add_argument("--cold-starts", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    from kennel_load.payloads import dog_photos
+    from kennel_serve.cpus import available_cpus
+
+    cpus = available_cpus()
+    results: dict = {"machine": machine(), "model": f"{args.arch}, {args.classes} classes, random weights",
+                     "image": args.image, "targets": TARGETS, "layouts": {}}
+    payloads = dog_photos(8)
+    results["payload_bytes"] = statistics.median(len(p) for p in payloads)
+    inspect = subprocess.run(["docker", "image", "inspect", "--format", "{{.Size}}", args.image],
+                             capture_output=True, text=True, check=True)
+    results["image_bytes"] = int(inspect.stdout.strip())
+
+    with tempfile.TemporaryDirectory(prefix="kennel-bench-") as tmp:
+        print(f"writing a random {args.arch} ({args.classes} classes) ...", flush=True)
+        model_dir = write_random_model(Path(tmp) / "model", args.arch, args.classes, kennel_artifact.ORIGINAL_EVAL,
+                                       weights=True)
+        os.chmod(tmp, 0o755)  # the image's unprivileged user reads the mount
+        pipelines = {threads: onnx_pipeline(model_dir, threads) for threads in {1, *(t for _, t in parse_layouts(args.layouts))}}
+        eager = eager_pipeline(model_dir, args.arch, args.classes)
+        inproc: dict[int, list[float]] = {t: [] for t in pipelines}
+        eager_times: list[float] = []
+
+        for workers, threads in parse_layouts(args.layouts):
+            label = f"{workers}x{threads}"
+            print(f"== layout {label}: {workers} worker(s) x {threads} engine thread(s)", flush=True)
+            server = ServedImage(args.image, model_dir, {"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers),
+                                                         "KENNEL_ORT_THREADS": str(threads)})
+            try:
+                server.first_answer(payloads[0])
+                sequential_p50(server.url, payloads, 10)  # warm
+                served = []
+                for _ in range(args.rounds):
+                    inproc[threads].append(time_calls(pipelines[threads], payloads, args.requests))
+                    if threads != 1:
+                        inproc[1].append(time_calls(pipelines[1], payloads, args.requests))
+                    eager_times.append(time_calls(eager, payloads, args.requests))
+                    served.append(sequential_p50(server.url, payloads, args.requests))
+                steps = saturation(server.url, payloads, workers, args.saturation_s)
+            finally:
+                server.stop()
+            results["layouts"][label] = {"workers": workers, "threads": threads,
+                                         "served_p50_s": statistics.median(served), "served_p50_rounds_s": served,
+                                         "saturation": steps}
+
+        print("== cold starts (default layout)", flush=True)
+        cold = []
+        for _ in range(args.cold_starts):
+            server = ServedImage(args.image, model_dir, {})
+            try:
+                cold.append(server.first_answer(payloads[0]))
+            finally:
+                server.stop()
+        results["cold_start_s"] = cold
+
+    single = statistics.median(inproc[1])
+    results["inproc_p50_s"] = {str(t): statistics.median(v) for t, v in inproc.items() if v}
+    results["original_eager_p50_s"] = statistics.median(eager_times)
+    for label, layout in results["layouts"].items():
+        best = max(step["throughput"] for step in layout["saturation"].values())
+        layout["latency_ratio"] = layout["served_p50_s"] / results["inproc_p50_s"][str(layout["threads"])]
+        layout["throughput_per_s"] = best
+        layout["throughput_ratio"] = best / (cpus / single)
+        layout["speedup_vs_original"] = results["original_eager_p50_s"] / layout["served_p50_s"]
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report(results, cpus)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def report(results: dict, cpus: int) -> None:
+    ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
+    m = results["machine"]
+    print(f"\nmachine: {m['cpu']}, {cpus} CPUs, {m['memory_gib']} GiB, docker {m['docker']}, "
+          f"load average {m['load_average_at_start']} -> {m['load_average_at_end']}")
+    print(f"model: {results['model']}; payload: 500x375 JPEG, {results['payload_bytes'] / 1000:.0f} kB")
+    print("in-process decode+preprocess+forward (ONNX Runtime): " +
+          ", ".join(f"{t} thread(s) {ms(v)}" for t, v in sorted(results["inproc_p50_s"].items())))
+    print(f"original's way (PyTorch eager, default threads): {ms(results['original_eager_p50_s'])}")
+    target = results["targets"]
+    for label, layout in results["layouts"].items():
+        print(f"\nlayout {label}: served p50 {ms(layout['served_p50_s'])} "
+              f"= {layout['latency_ratio']:.2f} x in-process (target <= {target['latency_ratio_max']})")
+        print(f"  throughput {layout['throughput_per_s']:.1f}/s = {layout['throughput_ratio']:.2f} x "
+              f"{cpus} CPUs / single-thread time (target >= {target['throughput_ratio_min']}); steps: " +
+              ", ".join(f"{k} in flight {v['throughput']:.1f}/s p99 {ms(v['p99'])}"
+                        for k, v in layout["saturation"].items()))
+        print(f"  {layout['speedup_vs_original']:.2f} x faster than the original's way "
+              f"(target >= {target['speedup_vs_original_min']})")
+    cold = results["cold_start_s"]
+    print(f"\ncold start (docker run -> first 200): median {statistics.median(cold):.1f} s of "
+          f"{', '.join(f'{c:.1f}' for c in cold)} (target <= {target['cold_start_s_max']} s)")
+    print(f"image size: {results['image_bytes'] / 1e6:.0f} MB (target <= {target['image_bytes_max'] / 1e6:.0f} MB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -71,7 +71,7 @@ def test_allowlist_takes_addresses_networks_and_host_names(two_cpus):
     ({"SAGEMAKER_BATCH_STRATEGY": "ALL"}, "SAGEMAKER_BATCH_STRATEGY='ALL' must be one of"),
     ({"KENNEL_URL_FETCH": "maybe"}, "KENNEL_URL_FETCH='maybe' must be true or false"),
     ({"KENNEL_URL_TIMEOUT_S": "soon"}, "KENNEL_URL_TIMEOUT_S='soon' is not a number"),
-    ({"KENNEL_DRAIN_TIMEOUT_S": "60"}, "KENNEL_DRAIN_TIMEOUT_S=60.0 must be between 0 and 28"),
+    ({"KENNEL_DRAIN_TIMEOUT_S": "60"}, "KENNEL_DRAIN_TIMEOUT_S=60.0 must be between 0 and 25"),
     ({"KENNEL_URL_ALLOWLIST": "http://x/"}, "KENNEL_URL_ALLOWLIST entry 'http://x/'"),
     ({"SAGEMAKER_MULTI_MODEL": "true"}, "multi-model endpoints are not supported"),
 ])

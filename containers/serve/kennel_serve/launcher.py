@@ -40,7 +40,7 @@ PLUGIN_JAR = "kennel-mms-plugin.jar"
 LOG_CONFIG = Path(__file__).with_name("etc") / "log4j2.xml"
 MODEL_NAME = "model"
 QUIET_PERIOD_S = 0.5  # all workers idle this long = nothing queued in the JVM either
-STOP_GRACE_S = 5.0
+STOP_GRACE_S = 3.0  # per signal; with the drain timeout (<= 25 s) well inside SageMaker's 30 s
 # The JVM's default flags size its heap from the host, not the container limit
 # (the toolkit even passes -XX:-UseContainerSupport). Heap: MMS holds request bodies only.
 DEFAULT_VMARGS = "-XX:+UseContainerSupport -XX:MaxRAMPercentage=25 -XX:+ExitOnOutOfMemoryError"

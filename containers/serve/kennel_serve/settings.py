@@ -99,7 +99,7 @@ class ServeSettings:
             batch=batch,
             batch_strategy=strategy,
             max_concurrent_transforms=concurrent or workers,
-            drain_timeout_s=read.number("KENNEL_DRAIN_TIMEOUT_S", 20.0, low=0, high=28),
+            drain_timeout_s=read.number("KENNEL_DRAIN_TIMEOUT_S", 20.0, low=0, high=25),
             state_dir=Path(env.get("KENNEL_SERVE_STATE_DIR", "/tmp/kennel-serve")),
             mms_plugins=Path(plugins) if plugins else None,
             vmargs=env.get("SAGEMAKER_MODEL_SERVER_VMARGS", ""),
