@@ -222,3 +222,33 @@ def test_restart_finds_no_stale_state(resnet18_base, plugins, tmp_path):
         assert json.loads(http(f"{server.url}/execution-parameters").body)["MaxConcurrentTransforms"] == 1
     finally:
         server.stop()
+
+
+STUCK_ON_REQUEST = """
+import time
+from kennel_serve.engine import KennelModel
+from kennel_serve.outputs import Prediction
+
+def model_fn(model_dir):
+    return KennelModel.load(model_dir)
+
+def predict_fn(images, model):
+    if images[0].size == (64, 64):  # the "stuck" request
+        time.sleep(30)
+    return Prediction(model.predict(images), model.class_names)
+"""
+
+
+def test_a_stuck_request_is_cut_after_the_model_server_timeout(resnet18_base, plugins, tmp_path):
+    base = base_with_code(tmp_path, resnet18_base, STUCK_ON_REQUEST)
+    server = ServeProcess(base, plugins, env={"SAGEMAKER_MODEL_SERVER_TIMEOUT": "3"}).start().wait_ready()
+    try:
+        started = time.monotonic()
+        reply = server.invoke(jpeg_bytes((64, 64)), timeout=60)
+        elapsed = time.monotonic() - started
+        assert reply.status >= 500 and elapsed < 15, (reply.status, elapsed)  # 3 s, not MMS's 60 minutes
+        assert "Traceback" not in reply.body.decode(errors="replace")
+        server.wait_ready(timeout=120)  # MMS replaced the worker; it loaded and warmed up again
+        assert server.invoke(PHOTO).status == 200
+    finally:
+        server.stop()

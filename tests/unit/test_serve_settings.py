@@ -33,6 +33,8 @@ def test_sagemaker_variables_are_honoured(two_cpus):
     # One worker set: it gets every CPU as engine threads.
     assert (settings.workers, settings.ort_threads) == (1, 2)
     assert settings.model_server_timeout_s == 120
+    assert ServeSettings.from_env({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "120",
+                                   "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "30"}).model_server_timeout_s == 30
 
 
 @pytest.mark.parametrize("env, layout", [

@@ -115,7 +115,8 @@ def mms_properties(settings: ServeSettings) -> str:
         "decode_input_request": "false",
         "default_service_handler": HANDLER_SERVICE,
         "default_workers_per_model": settings.workers,
-        "default_response_timeout": settings.model_server_timeout_s,
+        # Seconds. (MMS reads default_response_timeout, which the toolkit writes, as MINUTES.)
+        "default_response_timeout_seconds": settings.model_server_timeout_s,
         "inference_address": f"http://{settings.bind_address}:{settings.port}",
         # The management API (register/scale/delete models) answers on a Unix socket only,
         # never on the port clients reach.

@@ -91,7 +91,8 @@ class ServeSettings:
             cpus=cpus,
             workers=workers,
             ort_threads=threads,
-            model_server_timeout_s=read.integer("SAGEMAKER_MODEL_SERVER_TIMEOUT", 60, low=1),
+            model_server_timeout_s=read.integer("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", None, low=1)
+            or read.integer("SAGEMAKER_MODEL_SERVER_TIMEOUT", 60, low=1),
             max_payload_bytes=read.integer("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6, low=1, high=1024) * MIB,
             max_images=read.integer("KENNEL_MAX_IMAGES", 32, low=1, high=1024),
             max_pixels=read.integer("KENNEL_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS, low=1),

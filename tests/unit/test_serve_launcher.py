@@ -1,0 +1,59 @@
+"""What the launcher hands to MMS: its configuration and environment."""
+import json
+from pathlib import Path
+
+from kennel_serve import launcher
+from kennel_serve.settings import ServeSettings
+
+
+def properties(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def settings(**env) -> ServeSettings:
+    return ServeSettings.from_env({"KENNEL_SERVE_STATE_DIR": "/tmp/ks-unit", "KENNEL_MMS_PLUGINS": "/opt/p", **env})
+
+
+def test_mms_configuration_works_around_the_toolkit_defaults():
+    config = properties(launcher.mms_properties(settings(SAGEMAKER_MODEL_SERVER_WORKERS="3",
+                                                         SAGEMAKER_MODEL_SERVER_TIMEOUT="45")))
+    assert config["default_service_handler"] == "kennel_serve.handler_service"
+    assert config["default_workers_per_model"] == "3"
+    # The toolkit's default_response_timeout is read by MMS as minutes: seconds are written instead.
+    assert config["default_response_timeout_seconds"] == "45" and "default_response_timeout" not in config
+    assert config["inference_address"] == "http://0.0.0.0:8080"
+    assert config["management_address"] == "unix:/tmp/ks-unit/management.sock"
+    assert "-XX:+UseContainerSupport" in config["vmargs"] and "-XX:-UseContainerSupport" not in config["vmargs"]
+    assert config["plugins_path"] == "/opt/p"
+    # Bodies a little over the limit reach the handler (JSON 413); 6 MiB limit -> 12 MiB for MMS.
+    assert int(config["max_request_size"]) == 2 * 6 * 1024 * 1024
+
+
+def test_explicit_settings_reach_mms():
+    config = properties(launcher.mms_properties(settings(SAGEMAKER_BIND_TO_PORT="9090", KENNEL_BIND_ADDRESS="127.0.0.1",
+                                                         SAGEMAKER_MODEL_SERVER_VMARGS="-Xmx512m",
+                                                         SAGEMAKER_MAX_PAYLOAD_IN_MB="20")))
+    assert config["inference_address"] == "http://127.0.0.1:9090"
+    assert config["vmargs"] == "-Xmx512m"
+    assert int(config["max_request_size"]) == 40 * 1024 * 1024
+
+
+def test_mms_environment(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/opt/kennel/lib")
+    env = launcher.mms_environment(settings(SAGEMAKER_MODEL_SERVER_WORKERS="1", KENNEL_ORT_THREADS="2"),
+                                   [Path("/opt/ml/model/code"), Path("/tmp/ks-unit/packages")])
+    assert env["PYTHONPATH"] == "/opt/ml/model/code:/tmp/ks-unit/packages:/opt/kennel/lib"
+    assert (env["SAGEMAKER_MODEL_SERVER_WORKERS"], env["KENNEL_ORT_THREADS"]) == ("1", "2")
+    # MMS's pid file and sockets go to the state dir, which every start resets.
+    assert env["TMPDIR"] == env["TEMP"] == "/tmp/ks-unit/tmp"
+    assert env["KENNEL_SERVE_STATE_DIR"] == "/tmp/ks-unit"
+    assert json.loads(env["KENNEL_EXECUTION_PARAMETERS"])["MaxConcurrentTransforms"] == 1
+
+
+def test_reset_state_dir_removes_what_a_killed_server_left(tmp_path):
+    state = tmp_path / "state"
+    (state / "tmp").mkdir(parents=True)
+    (state / "tmp" / ".model_server.pid").write_text("1")
+    (state / "failed").write_text("old")
+    launcher.reset_state_dir(state)
+    assert sorted(p.name for p in state.rglob("*")) == ["tmp"]
