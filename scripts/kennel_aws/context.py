@@ -75,8 +75,8 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def to_json(value: Any, indent: int | None = 2) -> str:
-    return json.dumps(value, indent=indent, sort_keys=True, default=_json_default)
+def to_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=_json_default)
 
 
 class Console:
@@ -108,7 +108,6 @@ class Aws:
         self.tags = dict(tags or {})
         self.console = console or Console()
         self._clients: dict[str, BaseClient] = {}
-        self.sent: list[dict] = []  # the mutating requests, sent or (dry run) printed
 
     @classmethod
     def from_args(cls, args: Any) -> "Aws":
@@ -146,10 +145,9 @@ class Aws:
         """Send a mutating request, or under --dry-run print it and return None."""
         client = self.client(service)
         api_name = client.meta.method_to_api_mapping.get(operation, operation)
-        request = {"service": client.meta.service_model.service_name, "operation": api_name, "params": params}
-        self.sent.append(request)
         if self.dry_run:
-            self.console.result(to_json(request))
+            self.console.result(to_json({"service": client.meta.service_model.service_name, "operation": api_name,
+                                         "params": params}))
             return None
         return getattr(client, operation)(**params)
 
@@ -157,13 +155,13 @@ class Aws:
         """Progress note for a change just sent (or, under --dry-run, printed and not sent)."""
         self.console.note(f"dry run, not sent: {message}" if self.dry_run else message)
 
-    def tag_list(self, extra: dict[str, str] | None = None) -> list[dict[str, str]]:
+    def tag_list(self) -> list[dict[str, str]]:
         """Tags as [{"Key": k, "Value": v}] (SageMaker, ECR, IAM)."""
-        return [{"Key": key, "Value": value} for key, value in sorted({**self.tags, **(extra or {})}.items())]
+        return [{"Key": key, "Value": value} for key, value in sorted(self.tags.items())]
 
-    def tag_map(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+    def tag_map(self) -> dict[str, str]:
         """Tags as {k: v} (Lambda, Application Auto Scaling)."""
-        return dict(sorted({**self.tags, **(extra or {})}.items()))
+        return dict(sorted(self.tags.items()))
 
 
 def _refuse_mutation(model: Any, **_: Any) -> None:
