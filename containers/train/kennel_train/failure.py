@@ -8,6 +8,7 @@ while its traceback goes to the log only).
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -56,6 +57,12 @@ def reason_for(error: BaseException, context: str = "") -> str:
     if is_shared_memory_exhausted(error):
         return one_line(f"shared memory (/dev/shm) is too small for the data loader workers{where}: run the "
                         f"container with a larger --shm-size (compose.yaml uses 2gb), or set workers=0; {error}")
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return one_line(f"no space left on the device writing {error.filename or 'a file'}: free space, or give the "
+                        "job more storage (SageMaker: VolumeSizeInGB)")
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return one_line(f"cannot write {error.filename or 'a file'}: {error.strerror}; the output folders must be "
+                        "writable by the user the container runs as")
     return one_line(f"internal error: {type(error).__name__}: {error}")
 
 
