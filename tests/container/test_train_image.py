@@ -71,6 +71,13 @@ def test_unknown_command_is_one_line_and_exit_127(train_image):
     assert result.stderr.strip() == "entrypoint: no such command: no-such-command (try: help)"
 
 
+def test_convert_runs_the_converter_module(train_image):
+    assert "--model-pth" in docker_run(train_image, "convert", "--help").stdout
+    result = docker_run(train_image, "convert", "--model-pth", "/missing.pth", "--output", "/tmp/out", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["convert: error: cannot read /missing.pth: No such file or directory"]
+
+
 def test_sample_writes_the_dataset_as_the_given_user(train_image, tmp_path):
     target = tmp_path / "sample"
     target.mkdir()
