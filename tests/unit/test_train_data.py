@@ -1,7 +1,6 @@
 """kennel_train.data: ImageFolder's class order, unreadable files, the serving preprocessing, the sampler."""
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
