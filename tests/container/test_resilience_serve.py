@@ -34,6 +34,7 @@ from kennel_load import hostile
 from kennel_load.client import Connection, Target, run_closed_loop, run_open_loop, wait_until_healthy, warm_up
 from kennel_load.docker_stats import ContainerSampler
 from kennel_load.payloads import dog_photos
+from kennel_load.report import step_table
 from kennel_load.stats import max_sustainable, percentile, ramp, summarize, trend
 
 pytestmark = pytest.mark.container
@@ -53,6 +54,7 @@ class Budget:
 BUDGET = (Budget(ramp_step_s=8, sustained_s=600, hostile_cases=20_000, worker_kills=3, fault_load_s=40) if LONG
           else Budget(ramp_step_s=4, sustained_s=45, hostile_cases=2_000, worker_kills=1, fault_load_s=25))
 STARTUP_TIMEOUT_S = 240
+TARGET_P99_S = 1.0  # the load test's default latency target, which defines the max rate
 RECOVERY_BOUND_S = 60  # a killed worker must be replaced and serving within this
 HANG_BOUND_S = 15  # no hostile request may take longer (URL fetches are capped at 3 s here)
 # Memory is flat when the fitted line rises less than this over the window.
@@ -316,9 +318,10 @@ def test_sustained_load_at_80_percent_of_max_rate(server, photos):
     target = Target(server.url)
     warm_up(target, photos, requests=8)
     measured = ramp(lambda c: summarize(run_closed_loop(target, photos, c, BUDGET.ramp_step_s, 5000)),
-                    [1, 2, 3, 4, 6, 8], target_p99_s=1.0)
-    best = max_sustainable(measured.steps, 1.0)
+                    [1, 2, 3, 4, 6, 8], target_p99_s=TARGET_P99_S)
+    best = max_sustainable(measured.steps, TARGET_P99_S)
     assert best is not None, f"no ramp step passed: {measured.stopped_because}"
+    print("\n" + step_table(measured.steps) + f"\nramp stopped: {measured.stopped_because}")
     rate = 0.8 * best.throughput
 
     began = time.monotonic()
@@ -337,6 +340,9 @@ def test_sustained_load_at_80_percent_of_max_rate(server, photos):
 
     assert step.requests >= int(rate * BUDGET.sustained_s) - 1
     assert step.errors == {}, f"errors at {rate:.1f}/s: {step.errors}"
+    # Keeping up: latency counts from each request's scheduled time, so a growing backlog
+    # shows here (and a p99/p50 ratio alone would pass when everything is uniformly late).
+    assert step.p99 <= TARGET_P99_S, f"p99 {step.p99 * 1000:.0f} ms over the {TARGET_P99_S:g} s target: falling behind"
     assert step.p99 <= 3 * step.p50, f"p99 {step.p99 * 1000:.0f} ms > 3 x p50 {step.p50 * 1000:.0f} ms"
     assert memory.flat, (f"memory grows {memory.slope_per_s * 60:.1f} MiB/min "
                          f"({memory.growth:.1f} MiB over {memory.span_s:.0f} s, tolerance {memory.tolerance:.1f})")
