@@ -252,3 +252,16 @@ def test_a_stuck_request_is_cut_after_the_model_server_timeout(resnet18_base, pl
         assert server.invoke(PHOTO).status == 200
     finally:
         server.stop()
+
+
+def test_workers_also_load_without_mms_preload(resnet18_base, plugins):
+    # serve has MMS preload (imports shared by the forked workers); an operator may turn that
+    # off through MMS's own variable, and every worker then loads on its own.
+    server = ServeProcess(resnet18_base, plugins, env={"MMS_PRELOAD_MODEL": "false",
+                                                       "SAGEMAKER_MODEL_SERVER_WORKERS": "2"}).start()
+    try:
+        server.wait_ready()
+        assert "Preload model: false" in server.log()
+        assert all(server.invoke(PHOTO).status == 200 for _ in range(4))
+    finally:
+        server.stop()

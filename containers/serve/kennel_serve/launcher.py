@@ -41,9 +41,14 @@ LOG_CONFIG = Path(__file__).with_name("etc") / "log4j2.xml"
 MODEL_NAME = "model"
 QUIET_PERIOD_S = 0.5  # all workers idle this long = nothing queued in the JVM either
 STOP_GRACE_S = 3.0  # per signal; with the drain timeout (<= 25 s) well inside SageMaker's 30 s
-# The JVM's default flags size its heap from the host, not the container limit
-# (the toolkit even passes -XX:-UseContainerSupport). Heap: MMS holds request bodies only.
-DEFAULT_VMARGS = "-XX:+UseContainerSupport -XX:MaxRAMPercentage=25 -XX:+ExitOnOutOfMemoryError"
+# JVM flags for MMS's frontend. UseContainerSupport: size the heap from the container's
+# memory limit, not the host's (the toolkit passes -XX:-UseContainerSupport); the heap only
+# holds request bodies in flight. TieredStopAtLevel=1 (C1 only) and the serial collector:
+# no C2 compiler or parallel GC threads competing with the model for the CPUs at start;
+# the JVM binds its port in about half the time on 2 cores (docs/benchmarks.md), and its
+# per-request work is microseconds next to a CNN's milliseconds.
+DEFAULT_VMARGS = ("-XX:+UseContainerSupport -XX:MaxRAMPercentage=25 -XX:+ExitOnOutOfMemoryError "
+                  "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
 
 
 class ServeError(Exception):
@@ -128,7 +133,8 @@ def mms_properties(settings: ServeSettings) -> str:
         "max_response_size": 16 * MIB,
         "vmargs": settings.vmargs or DEFAULT_VMARGS,
         "plugins_path": settings.mms_plugins,
-        "preload_model": "false",
+        # The server process imports once; each forked worker loads its own model (handler_service).
+        "preload_model": "true",
     }
     return "".join(f"{key}={value}\n" for key, value in properties.items())
 
