@@ -138,7 +138,6 @@ def test_one_process_gets_a_local_group_whose_collectives_are_local():
     model = torch.nn.Linear(3, 2)
     assert group.is_leader and not group.distributed
     assert group.wrap(model) is model
-    assert group.train_sampler(range(5), seed=0) is None
     data = list(range(5))
     assert group.shard(data) is data
     assert group.all_sum([1.5, 2]) == [1.5, 2.0]

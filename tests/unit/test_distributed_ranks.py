@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from kennel_train import distributed
+from kennel_train.data import ResumableSampler
 from kennel_train.distributed import Cluster, DistributedError, Settings
 
 HOSTS = ("trainer-q9m1", "trainer-b7k2")  # sorted: trainer-b7k2 is the master
@@ -54,7 +55,7 @@ def toy_host(host: str, port: int, out: str, scenario: str, overrides: dict) -> 
         model = group.wrap(torch.nn.Linear(1, 3))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         data = TensorDataset(torch.arange(SAMPLES, dtype=torch.float32).unsqueeze(1), torch.arange(SAMPLES) % 3)
-        sampler = group.train_sampler(data, seed=7)
+        sampler = ResumableSampler(data, shuffle=True, seed=7, rank=group.rank, world_size=group.world_size)
         steps = 0
         for epoch in range(2):
             sampler.set_epoch(epoch)
@@ -213,7 +214,13 @@ def freeze_after_join(host: str, port: int, out: str) -> None:
     group = distributed.join(distributed.plan(cluster, settings, cuda_devices=0), settings,
                              failure_file=out_dir / "failure")
     if group.is_leader:
+        # freeze once the other rank is past the rendezvous (a master lost during it is the
+        # rendezvous timeout's case) and waits for the outcome, watched by its watchdog only
+        while not (Path(out) / "trainer-q9m1" / "ready").exists():
+            time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGSTOP)
+    else:
+        (out_dir / "ready").write_text("joined")
     group.finish(None, timeout_s=600)  # waits for the leader's outcome; only the watchdog ends it
     raise SystemExit(0)
 

@@ -49,7 +49,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, Subset
-from torch.utils.data.distributed import DistributedSampler
 
 from .failure import TrainingFailure, write_failure
 
@@ -353,6 +352,8 @@ def _short(error: BaseException, limit: int = 300) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     # torch prefixes C++ errors with the source location: noise in a failure reason.
     text = re.sub(r"^\[[^\]]*\.(?:cpp|cc|hpp|h):\d+\]\s*", "", text)
+    # gloo appends generic advice to every transport error.
+    text = re.sub(r"\s*This is typically caused by .*$", "", text)
     return text[:limit]
 
 
@@ -404,23 +405,13 @@ class Group:
         return self.layout.host_of(rank)
 
     # -- data
-    def train_sampler(self, dataset: Dataset, seed: int) -> DistributedSampler | None:
-        """Each rank's shuffled share of the training set (call ``set_epoch`` every epoch).
-
-        Shards are equal (DDP needs the same number of steps on every rank): when
-        the dataset does not divide by the world size, the sampler repeats up to
-        ``world_size - 1`` samples per epoch. None when there is one rank.
-        """
-        if not self.distributed:
-            return None
-        return DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank,
-                                  shuffle=True, seed=seed, drop_last=False)
-
     def shard(self, dataset: Dataset) -> Dataset:
         """This rank's share of an evaluation set: every sample exactly once across ranks.
 
-        Shards may differ by one sample; evaluation runs no collective per batch,
-        so that is fine, and the reduced metrics are exact.
+        Shards may differ by one sample, so evaluation agrees on a stop only
+        after its pass (no collective per batch); the reduced metrics are exact.
+        Training shards are equal instead (data.ResumableSampler, a
+        DistributedSampler): DDP needs the same number of steps on every rank.
         """
         if not self.distributed:
             return dataset
@@ -480,9 +471,26 @@ class Group:
         dist.broadcast_object_list(box, src=0, device=self.device if self.layout.use_cuda else None)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+    def agree(self, what: str, summary: str, details: Iterable[str] = ()) -> None:
+        """Fail unless every rank sees the same ``what``: ``summary`` is shown, ``details`` compared by digest.
+
+        Sharding by rank assumes the same samples in the same order on every
+        host; a host with other data (S3DataDistributionType ShardedByS3Key, a
+        partial copy) would silently train on a mix.
+        """
+        if not self.distributed:
+            return
+        digest = hashlib.sha256()
+        for item in details:
+            digest.update(item.encode("utf-8", "surrogateescape") + b"\0")
+        mine = f"{summary} (sha256 {digest.hexdigest()[:12]})"
+        seen: list[Any] = [None] * self.world_size
+        dist.all_gather_object(seen, mine)
+        other = next((rank for rank, value in enumerate(seen) if value != seen[0]), None)
+        if other is not None:
+            raise DistributedError(f"the hosts see different {what}: {self.host_of(0)} has {seen[0]}, "
+                                   f"{self.host_of(other)} has {seen[other]}; every host needs the same {what} "
+                                   "(S3DataDistributionType FullyReplicated)")
 
     # -- the end
     def finish(self, failure: str | None, timeout_s: float = 3600.0) -> str | None:
@@ -500,7 +508,8 @@ class Group:
         try:
             if self.is_leader:
                 self._store.set(_OUTCOME, json.dumps({"failure": failure}))
-                deadline = time.monotonic() + _ACK_TIMEOUT_S
+                # On a failure a peer may be gone already: do not wait long for it.
+                deadline = time.monotonic() + (_ACK_TIMEOUT_S if failure is None else _ACK_TIMEOUT_S / 6)
                 while self._store.add(_ACKS, 0) < self.world_size - 1 and time.monotonic() < deadline:
                     time.sleep(0.1)
                 self._stop_watchdog()
@@ -623,13 +632,15 @@ def join(layout: Layout, settings: Settings, local_rank: int = 0, failure_file: 
         raise DistributedError(f"rendezvous timed out after {settings.rendezvous_timeout_s:.0f} s "
                                f"(KENNEL_DIST_RENDEZVOUS_TIMEOUT): {who} never joined; see "
                                f"{'its' if len(missing) == 1 else 'their'} log") from None
+    # Watch the peers from here on: a master lost while the process group starts would
+    # otherwise block this rank in the store until the rendezvous timeout.
+    watchdog = Watchdog(store, rank, layout.world_size, layout.host_of, cluster.master,
+                        settings.heartbeat_timeout_s, _lost_peer(failure_file))
+    watchdog.start()
     dist.init_process_group(layout.backend, store=dist.PrefixStore("pg/", store), rank=rank,
                             world_size=layout.world_size,
                             timeout=datetime.timedelta(seconds=settings.collective_timeout_s),
                             device_id=torch.device("cuda", local_rank) if layout.use_cuda else None)
-    watchdog = Watchdog(store, rank, layout.world_size, layout.host_of, cluster.master,
-                        settings.heartbeat_timeout_s, _lost_peer(failure_file))
-    watchdog.start()
     group = Group(layout, local_rank, addresses, store, watchdog, settings)
     log.info("%s: joined (%s on %s)", group.label, layout.backend, cluster.network_interface or "default interface")
     return group

@@ -23,6 +23,7 @@ import argparse
 import importlib.metadata
 import logging
 import math
+import os
 import platform
 import random
 import sys
@@ -183,6 +184,8 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
     for index in indexes.values():
         for name in index.unreadable[:10]:
             log.warning("skipping unreadable image %s/%s", index.name, name)
+    group.agree("data", f"{len(classes)} classes, " + ", ".join(f"{n} {i.total}" for n, i in indexes.items()),
+                (f"{n}/{os.path.relpath(path, i.root)}" for n, i in indexes.items() for path, _ in i.samples))
     _stop_if_requested(stop, "while indexing the data")
 
     # ---- model: a seeded network, ImageNet backbone weights, the trainable part and its optimizer
@@ -217,8 +220,15 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
         history, skipped_files = state["history"], state["skipped_files"]
         if progress.step is None:
             start_epoch = progress.epoch + 1
+        elif state.get("world_size", 1) != group.world_size:
+            # A rank's place in the epoch depends on the number of ranks: redo the epoch.
+            start_epoch = progress.epoch
+            log.warning("the checkpoint was written by %d ranks, this run has %d: epoch %d starts over",
+                        state.get("world_size", 1), group.world_size, progress.epoch)
         else:
             start_epoch, partial = progress.epoch, loop.PassResult.from_json(state["partial_train"])
+            if not leader:  # the saved sums are all ranks' (reduced): the leader carries them on
+                partial = loop.PassResult(positions=partial.positions, steps=partial.steps)
         log.info("resuming from checkpoint %s (%s)", path.name, progress.describe())
         if progress.epoch > hp.epochs:
             log.warning("the checkpoint holds %d epochs, more than epochs=%d: testing and exporting it as it is",
@@ -253,7 +263,8 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
         return {"model": checkpoint.cpu_state_dict(network), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "identity": identity,
                 "hyperparameters": hp.to_json(), "history": history, "skipped_files": skipped_files,
-                "partial_train": partial_train.to_json() if partial_train else None}
+                "partial_train": partial_train.to_json() if partial_train else None,
+                "world_size": group.world_size}
 
     # ---- epochs
     run_started, epochs_run = time.monotonic(), 0
@@ -268,6 +279,7 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
                                          hp.progress_interval)
         except loop.Interrupted as interrupted:
             done = interrupted.partial if interrupted.phase == "train" else train_result
+            done = done.reduced(group)  # every rank stopped at this step: save the sums of all
             where = checkpoint.Progress(epoch, done.steps)
             saved = checkpoint.save(paths.checkpoints, where, state(done)) if leader else None
             signal_name = stop.signal_name if stop.requested else "SIGTERM"
@@ -276,6 +288,9 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
                           f"checkpoint saved to {saved or paths.checkpoints}: run again to resume",
                           stop.signal_number or 15) from None
         train_total, valid_total = train_result.reduced(group), valid_result.reduced(group)
+        if group.distributed:
+            log.info("%s epoch=%d processed train_images=%d of %d valid_images=%d of %d", group.label, epoch,
+                     train_result.positions, len(train_set), valid_result.positions, len(eval_sets["valid"]))
         check_skipped("train", train_total)
         check_skipped("valid", valid_total)
         row = {"epoch": epoch, "train_loss": train_total.loss, "train_accuracy": train_total.accuracy,
@@ -311,6 +326,8 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
     # The original system's lines: its tuning jobs match "Testing Loss: ([0-9\.]+)".
     log.info("Testing Loss: %.4f", test_total.loss)
     log.info("Testing Accuracy: %.4f", test_total.accuracy)
+    if group.distributed:
+        log.info("%s parameters sha256=%s", group.label, distributed.parameter_digest(network))
     if not leader:
         return
 
