@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -114,6 +115,7 @@ def measure(target: Target, payloads: list[bytes], args: argparse.Namespace, set
     def run_step(concurrency: int) -> StepSummary:
         run = run_closed_loop(target, payloads, concurrency, args.step_seconds, args.step_max_requests)
         step = summarize(run)
+        step.host_load = os.getloadavg()[0]  # other work on a shared host shows here
         if sampler is not None:
             # A sample covers the second before it arrived: skip the first second of the step.
             window = sampler.window(run.began + 1.0, run.ended)

@@ -40,6 +40,7 @@ class StepSummary:
     errors: dict[str, int] = field(default_factory=dict)
     cpu_percent: float | None = None  # container CPU, 100 = one core
     memory_mib: float | None = None
+    host_load: float | None = None  # the host's 1-minute load average at the end of the step
 
     @property
     def success_rate(self) -> float:
