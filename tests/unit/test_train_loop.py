@@ -12,7 +12,9 @@ from torch import nn
 from kennel_train import distributed, loop
 from kennel_train.data import Batch
 from kennel_train.device import Runtime
-from kennel_train.model import SplitModel, build_network, describe_head
+from kennel_train.failure import TrainingFailure
+from kennel_train.model import (SplitModel, build_network, describe_head, find_pretrained,
+                                load_backbone)
 
 
 class Stop:
@@ -157,3 +159,41 @@ def test_state_dict_loads_into_the_original_definition():
                                                             "Linear(128, 133)"]
     assert describe_head(build_network("resnet18", "linear", 5), "linear")["layers"] == ["Linear(512, 5)"]
 
+
+
+def test_pretrained_weights_come_from_the_channel_whatever_their_name(tmp_path):
+    channel = tmp_path / "pretrained"
+    channel.mkdir()
+    torch.manual_seed(5)
+    weights = torchvision.models.resnet18().state_dict()
+    torch.save(weights, channel / "imagenet-backbone.pth")
+    path = find_pretrained("resnet18", channel)
+    network = build_network("resnet18", "original", 3)
+    head = network.fc[0].weight.clone()
+    load_backbone(network, path)
+    assert torch.equal(network.conv1.weight, weights["conv1.weight"])
+    assert torch.equal(network.fc[0].weight, head)  # the ImageNet classifier is not the head
+    torch.save(weights, channel / "second.pth")
+    with pytest.raises(TrainingFailure, match="the 'pretrained' channel holds 2 weight files"):
+        find_pretrained("resnet18", channel)
+
+
+def test_pretrained_weights_are_found_in_the_torch_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    with pytest.raises(TrainingFailure) as caught:
+        find_pretrained("resnet50", None)
+    assert "resnet50-0676ba61.pth (https://download.pytorch.org/models/resnet50-0676ba61.pth)" in str(caught.value)
+    (cache / "resnet50-11ad3fa6.pth").write_bytes(b"")  # torchvision's IMAGENET1K_V2 file name
+    assert find_pretrained("resnet50", None) == cache / "resnet50-11ad3fa6.pth"
+
+
+def test_weights_of_another_architecture_or_not_weights_at_all_are_refused(tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(TrainingFailure, match=r"the pretrained weights r18.pth do not fit resnet of this "
+                                              r"architecture: missing \d+ keys .*wrong shapes"):
+        load_backbone(build_network("resnet50", "original", 3), tmp_path / "r18.pth")
+    (tmp_path / "text.pth").write_text("hello")
+    with pytest.raises(TrainingFailure, match="cannot load the pretrained weights text.pth"):
+        load_backbone(build_network("resnet18", "original", 3), tmp_path / "text.pth")
