@@ -21,6 +21,7 @@ import argparse
 import itertools
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,8 +114,10 @@ def measure(target: Target, payloads: list[bytes], args: argparse.Namespace, set
                                    "serving a model?")
 
     def run_step(concurrency: int) -> StepSummary:
+        cpu_began = time.process_time()
         run = run_closed_loop(target, payloads, concurrency, args.step_seconds, args.step_max_requests)
         step = summarize(run)
+        step.client_cpu_percent = (time.process_time() - cpu_began) / step.duration_s * 100
         step.host_load = os.getloadavg()[0]  # other work on a shared host shows here
         if sampler is not None:
             # A sample covers the second before it arrived: skip the first second of the step.

@@ -41,6 +41,7 @@ class StepSummary:
     cpu_percent: float | None = None  # container CPU, 100 = one core
     memory_mib: float | None = None
     host_load: float | None = None  # the host's 1-minute load average at the end of the step
+    client_cpu_percent: float | None = None  # the load generator's own CPU (it shares small hosts)
 
     @property
     def success_rate(self) -> float:

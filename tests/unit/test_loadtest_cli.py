@@ -29,6 +29,8 @@ def test_loadtest_finds_the_capacity_and_writes_report_and_plot(tmp_path, capsys
     steps = report["configurations"][0]["steps"]
     assert [s["concurrency"] for s in steps][:3] == [1, 2, 4]
     assert sum(s["requests"] for s in steps) + 4 == sent  # nothing unaccounted for
+    assert all(0 <= s["client_cpu_percent"] < 200 and s["host_load"] >= 0 for s in steps)
+    assert all(s["cpu_percent"] is None for s in steps)  # no container named: not measured, not invented
     assert report["best_configuration"]["label"] == "image defaults"
     assert report["settings"]["payload"]["images"] == 2
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
