@@ -37,6 +37,14 @@ class ConfigurationResult:
         return label
 
     @property
+    def short_label(self) -> str:
+        """For the plot legend: the layout when known, else the settings."""
+        if self.layout:
+            return f"{self.layout['workers']} workers x {self.layout['threads']} threads"
+        short = {"SAGEMAKER_MODEL_SERVER_WORKERS": "workers", "KENNEL_ORT_THREADS": "threads"}
+        return ", ".join(f"{short.get(k, k)}={v}" for k, v in self.settings.items()) or "image defaults"
+
+    @property
     def best_step(self) -> StepSummary | None:
         return max_sustainable(self.steps, self.target_p99_s)
 
@@ -162,15 +170,15 @@ def plot(results: list[ConfigurationResult], target_p99_s: float, path: str | Pa
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, result in enumerate(results):
         colour = colours[i % len(colours)]
         steps = [s for s in result.steps if s.successes]
         xs = [s.throughput for s in steps]
         ax.plot(xs, [s.latency["p50"] * 1000 for s in steps], "o--", color=colour, alpha=0.7,
-                label=f"{result.label}: p50")
-        ax.plot(xs, [s.latency["p99"] * 1000 for s in steps], "s-", color=colour, label=f"{result.label}: p99")
+                label=f"{result.short_label}: p50")
+        ax.plot(xs, [s.latency["p99"] * 1000 for s in steps], "s-", color=colour, label=f"{result.short_label}: p99")
         for s in steps:
             ax.annotate(str(s.concurrency), (s.throughput, s.latency["p99"] * 1000), fontsize=7,
                         textcoords="offset points", xytext=(3, 4), color=colour)
@@ -186,7 +194,7 @@ def plot(results: list[ConfigurationResult], target_p99_s: float, path: str | Pa
     ax.set_xlim(left=0)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
