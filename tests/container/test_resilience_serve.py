@@ -583,3 +583,35 @@ def test_sigterm_under_load_drains_in_flight_requests_and_a_restart_is_healthy(s
         assert container.inspect()["State"]["ExitCode"] == 0
     finally:
         container.remove()
+
+
+# ---------------------------------------------------------------- the load-test command
+
+def test_loadtest_command_runs_the_compose_service_and_writes_its_report(serve_image, model_dir, tmp_path):
+    """`make loadtest`'s script end to end: compose's `serve` started on a free port with the
+    settings asked for, CPU and memory sampled, report and plot written, nothing left running."""
+    import math
+    import sys
+
+    from docker_cli import REPO
+
+    report_path, plot_path = tmp_path / "report.json", tmp_path / "plot.png"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "loadtest.py"), "--model-dir", str(model_dir),
+         "--workers", "2", "--threads", "1", "--concurrency", "1,2", "--step-seconds", "4",
+         "--warmup-requests", "4", "--target-p99", "10", "--report", str(report_path), "--plot", str(plot_path)],
+        cwd=REPO, env={**os.environ, "KENNEL_SERVE_IMAGE": serve_image}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    best = report["best_configuration"]
+    assert best["settings"] == {"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "KENNEL_ORT_THREADS": "1"}
+    assert best["layout"] == {"workers": 2, "threads": 1}  # what the server says it ran
+    rate = report["max_sustainable_rps"]
+    assert rate > 0 and report["recommended_invocations_per_instance"] == math.floor(rate * 60 * 0.5)
+    for step in best["steps"]:
+        assert step["success_rate"] == 1.0
+        assert step["cpu_percent"] > 10 and step["memory_mib"] > 100  # sampled from the container
+    assert plot_path.read_bytes()[:4] == b"\x89PNG"
+    assert "recommended SageMakerVariantInvocationsPerInstance" in result.stdout
+    left = run(["docker", "ps", "--all", "--quiet", "--filter", "name=kennel-loadtest-"], timeout=60).stdout
+    assert left.strip() == "", "the load test left its container behind"
