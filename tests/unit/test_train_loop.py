@@ -197,3 +197,25 @@ def test_weights_of_another_architecture_or_not_weights_at_all_are_refused(tmp_p
     (tmp_path / "text.pth").write_text("hello")
     with pytest.raises(TrainingFailure, match="cannot load the pretrained weights text.pth"):
         load_backbone(build_network("resnet18", "original", 3), tmp_path / "text.pth")
+
+
+def test_the_onnx_runtime_engine_computes_the_torch_features_and_trains_the_same_head():
+    runtime = Runtime(torch.device("cpu"), "fp32", cpus=1, threads=torch.get_num_threads())
+    models = {}
+    for engine in ("torch", "onnxruntime"):
+        torch.manual_seed(0)
+        models[engine] = SplitModel(build_network("resnet18", "original", 3), fine_tune=False, runtime=runtime,
+                                    engine=engine, input_size=(32, 32))
+    data = batches([4, 3])
+    results = {}
+    for engine, model in models.items():
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        results[engine] = loop.train_one_epoch(model, Counting(data), optimizer,
+                                               torch.amp.GradScaler("cpu", enabled=False), 1, 1, local_group(),
+                                               Stop(), 100)
+    assert results["onnxruntime"].loss == pytest.approx(results["torch"].loss, rel=1e-4)
+    head = {engine: model.network.fc[2].weight for engine, model in models.items()}
+    assert torch.allclose(head["onnxruntime"], head["torch"], atol=1e-5)
+    with pytest.raises(TrainingFailure, match="backbone_engine=onnxruntime runs on the CPU in fp32 only"):
+        SplitModel(build_network("resnet18", "original", 3), False,
+                   Runtime(torch.device("cpu"), "bf16", 1, 1), engine="onnxruntime")

@@ -78,6 +78,7 @@ BAD_VALUES = [
     ("workers", '"many"', "expected auto or an integer"),
     ("mixed_precision", '"fp8"', "expected one of auto, fp32, bf16, fp16"),
     ("device", '"tpu"', "expected one of auto, cpu, cuda"),
+    ("backbone_engine", '"tensorrt"', "expected one of auto, torch, onnxruntime"),
     ("progress_interval", "0", "expected an integer from 1"),
     ("max_unreadable_fraction", "1.5", "expected a number from 0.0 to 1.0"),
     ("keep_checkpoints", "0", "expected an integer from 1 to 1000"),

@@ -41,6 +41,7 @@ HEADS = ("original", "linear")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+BACKBONE_ENGINES = ("auto", "torch", "onnxruntime")
 
 
 # --------------------------------------------------------------------------- paths
@@ -205,6 +206,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mixed_precision", "auto", _choice(PRECISIONS),
             "auto: bf16 or fp16 on CUDA, bf16 on CPUs with native bf16, else fp32"),
     Setting("device", "auto", _choice(DEVICES), "auto: CUDA when present, else CPU"),
+    Setting("backbone_engine", "auto", _choice(BACKBONE_ENGINES),
+            "what runs the frozen layers: auto = onnxruntime on the CPU in fp32, else torch"),
     Setting("progress_interval", 20, _integer(1, 1_000_000), "steps between progress lines"),
     Setting("max_unreadable_fraction", 0.01, _real(0.0, 1.0),
             "fail when more than this fraction of a split's images cannot be read (they are skipped and counted)"),
@@ -229,6 +232,7 @@ class Hyperparameters:
     workers: int | None
     mixed_precision: str
     device: str
+    backbone_engine: str
     progress_interval: int
     max_unreadable_fraction: float
     keep_checkpoints: int

@@ -189,6 +189,7 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
     _stop_if_requested(stop, "while indexing the data")
 
     # ---- model: a seeded network, ImageNet backbone weights, the trainable part and its optimizer
+    preprocessing = IMAGENET_EVAL  # what the artifact records and serving applies
     torch.manual_seed(hp.seed)
     random.seed(hp.seed)
     network = build_network(hp.architecture, hp.head, len(classes))
@@ -196,12 +197,16 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
         weights = find_pretrained(hp.architecture, contract.pretrained_channel(paths))
         load_backbone(network, weights)
         log.info("pretrained backbone weights: %s", weights)
-    model = SplitModel(network, fine_tune=not hp.freeze_backbone, runtime=runtime, wrap=group.wrap)
+    engine = hp.backbone_engine
+    if engine == "auto":
+        engine = "onnxruntime" if not runtime.is_cuda and runtime.precision == "fp32" else "torch"
+    model = SplitModel(network, fine_tune=not hp.freeze_backbone, runtime=runtime, wrap=group.wrap, engine=engine,
+                       input_size=preprocessing.input_size)
     optimizer = _optimizer(hp, model.parameters())
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-    log.info("model %s, head %s, training %s: %d trainable of %d parameters", hp.architecture, hp.head,
-             "the head" if hp.freeze_backbone else "layer4 and the head",
-             sum(p.numel() for p in model.parameters()), sum(p.numel() for p in network.parameters()))
+    log.info("model %s, head %s, training %s: %d trainable of %d parameters; frozen layers run by %s",
+             hp.architecture, hp.head, "the head" if hp.freeze_backbone else "layer4 and the head",
+             sum(p.numel() for p in model.parameters()), sum(p.numel() for p in network.parameters()), engine)
 
     # ---- resume from the newest intact checkpoint (the leader reads it, every rank gets it)
     identity = {"architecture": hp.architecture, "head": hp.head, "freeze_backbone": hp.freeze_backbone,
@@ -236,7 +241,6 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
     del found
 
     # ---- loaders: decoding in worker processes; evaluation uses the serving preprocessing
-    preprocessing = IMAGENET_EVAL
     workers = hp.workers if hp.workers is not None else min(runtime.cpus, 8)
     pin = runtime.is_cuda
     train_set = data.ImageFiles(train_index.samples, data.TrainTransform(preprocessing))

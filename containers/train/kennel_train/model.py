@@ -15,6 +15,9 @@ cost time and silently updated the BatchNorm statistics of a "frozen" backbone.
 """
 from __future__ import annotations
 
+import copy
+import io
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -117,15 +120,50 @@ def load_backbone(network: nn.Module, path: Path) -> None:
 # --------------------------------------------------------------------------- training view
 
 
+class OnnxFrozenPart:
+    """The frozen part run by ONNX Runtime (the serving engine), on the CPU in float32.
+
+    The frozen part never changes, so it is exported once at start (seconds) and
+    every step's forward runs in ONNX Runtime, whose fused CPU kernels run a
+    ResNet several times faster than PyTorch eager on CPUs without bf16
+    hardware (docs/benchmarks.md); the features differ from PyTorch's by float32
+    rounding only. The trainable part stays in PyTorch.
+    """
+
+    def __init__(self, frozen: nn.Sequential, input_size: tuple[int, int], threads: int):
+        import onnxruntime
+
+        module = copy.deepcopy(frozen).to("cpu", dtype=torch.float32, memory_format=torch.contiguous_format).eval()
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(module, (torch.zeros(1, 3, *input_size),), buffer, input_names=["images"],
+                              output_names=["features"], dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                              opset_version=17, dynamo=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        # Idle threads sleep instead of spinning: the data loader workers need those cores between steps.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        batch = images.contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {"images": batch})[0])
+
+
 class SplitModel:
     """A ResNet cut in two: a frozen part run without autograd, and the part that trains.
 
     ``fine_tune=False``: everything up to the pooled features is frozen, only ``fc`` trains.
     ``fine_tune=True``: layer4 trains too (its BatchNorm layers in train mode).
+    ``engine="onnxruntime"`` runs the frozen part in ONNX Runtime (CPU, float32 only).
     ``wrap`` may replace the trainable part by a DistributedDataParallel around it.
     """
 
-    def __init__(self, network: torchvision.models.ResNet, fine_tune: bool, runtime: Runtime, wrap=lambda m: m):
+    def __init__(self, network: torchvision.models.ResNet, fine_tune: bool, runtime: Runtime, wrap=lambda m: m,
+                 engine: str = "torch", input_size: tuple[int, int] = (224, 224)):
         self.network = network.to(runtime.device, memory_format=torch.channels_last)
         self.runtime = runtime
         stem = [network.conv1, network.bn1, network.relu, network.maxpool, network.layer1, network.layer2,
@@ -142,6 +180,15 @@ class SplitModel:
         self.fine_tune = fine_tune
         self.trainable = wrap(trainable)
         self._trainable_module = trainable
+        self.engine = engine
+        if engine == "onnxruntime":
+            if runtime.is_cuda or runtime.precision != "fp32":
+                raise TrainingFailure("backbone_engine=onnxruntime runs on the CPU in fp32 only: use "
+                                      "mixed_precision=fp32 and device=cpu, or backbone_engine=auto")
+            self.frozen.eval()
+            self._frozen_forward = OnnxFrozenPart(self.frozen, input_size, runtime.threads)
+        else:
+            self._frozen_forward = self.frozen
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self._trainable_module.parameters() if p.requires_grad)
@@ -155,12 +202,14 @@ class SplitModel:
         self.trainable.eval()
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        if self.engine == "onnxruntime":
+            return images  # ONNX Runtime reads the batch as it is (CPU, NCHW)
         return images.to(self.runtime.device, non_blocking=True, memory_format=torch.channels_last)
 
     def __call__(self, images: torch.Tensor, autocast: bool = True) -> torch.Tensor:
         """Logits in float32 (call under torch.inference_mode to evaluate)."""
         with torch.no_grad(), self.runtime.autocast(autocast):
-            features = self.frozen(images)
+            features = self._frozen_forward(images)
         if self.fine_tune:
             with self.runtime.autocast(autocast):
                 return self.trainable(features).float()
