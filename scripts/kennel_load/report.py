@@ -61,6 +61,10 @@ class ConfigurationResult:
                 "at_concurrency": best.concurrency if best else None,
                 "latency_at_max_s": best.latency if best else None,
                 "cpu_percent_at_max": best.cpu_percent if best else None,
+                # Answers per second of container CPU: what a host shared with other work cannot
+                # hide (the rate falls with the CPU share, this does not), for sizing other machines.
+                "requests_per_cpu_second_at_max": (best.throughput / (best.cpu_percent / 100)
+                                                   if best and best.cpu_percent else None),
                 "steps": [s.to_json() for s in self.steps], "notes": self.notes}
 
 

@@ -137,12 +137,15 @@ def test_report_json_plot_and_text(tmp_path):
     results = [_result({"SAGEMAKER_MODEL_SERVER_WORKERS": "1"}, [_step(1, 9, 0.2), _step(2, 12, 0.5)]),
                _result({"SAGEMAKER_MODEL_SERVER_WORKERS": "2"}, [_step(1, 10, 0.2), _step(2, 16.6, 0.4), failed])]
     results[1].layout = {"workers": 2, "threads": 1}
+    results[1].steps[1].cpu_percent = 166.0  # 16.6 answers/s with 1.66 cores busy
     report = build_report(results, url="http://127.0.0.1:8080/invocations", target_p99_s=1.0, safety_factor=0.5,
                           settings={"step_duration_s": 10}, host_note="test host")
     assert report["max_sustainable_rps"] == 16.6
     assert report["recommended_invocations_per_instance"] == 498
     assert report["best_configuration"]["settings"] == {"SAGEMAKER_MODEL_SERVER_WORKERS": "2"}
     assert report["best_configuration"]["at_concurrency"] == 2
+    assert report["best_configuration"]["requests_per_cpu_second_at_max"] == pytest.approx(10.0)
+    assert report["configurations"][0]["requests_per_cpu_second_at_max"] is None  # CPU not sampled
 
     path = write_json(report, tmp_path / "out" / "report.json")
     loaded = json.loads(path.read_text())  # strict JSON: the failed step's NaN became null
