@@ -156,6 +156,9 @@ def summary_text(report: dict[str, Any]) -> str:
     lines.append(f"max sustainable rate: {report['max_sustainable_rps']:.2f} requests/s per instance "
                  f"({best['label']}, {best['at_concurrency']} concurrent clients, "
                  f"p99 {_ms(best['latency_at_max_s']['p99'])} ms)")
+    if best.get("requests_per_cpu_second_at_max"):
+        lines.append(f"container CPU at that rate: {best['cpu_percent_at_max']:.0f}% of one core, "
+                     f"{best['requests_per_cpu_second_at_max']:.2f} requests per CPU-second")
     lines.append(f"recommended SageMakerVariantInvocationsPerInstance: "
                  f"{report['recommended_invocations_per_instance']} "
                  f"(= {report['max_sustainable_rps']:.2f} x 60 x {report['safety_factor']})")

@@ -161,6 +161,7 @@ def test_report_json_plot_and_text(tmp_path):
 
     text = summary_text(report)
     assert "16.60 requests/s" in text and "498" in text
+    assert "166% of one core, 10.00 requests per CPU-second" in text
     assert "SAGEMAKER_MODEL_SERVER_WORKERS=2 (2 workers x 1 engine threads)" in text
     assert loaded["best_configuration"]["layout"] == {"workers": 2, "threads": 1}
     table = step_table(results[1].steps)
