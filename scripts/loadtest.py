@@ -131,6 +131,16 @@ def measure(target: Target, payloads: list[bytes], args: argparse.Namespace, set
     return reports.ConfigurationResult(settings, result.steps, result.stopped_because, args.target_p99)
 
 
+def start_sampler(container_id: str) -> ContainerSampler | None:
+    """CPU and memory sampling, or None with a warning: the load test goes on without them."""
+    try:
+        return ContainerSampler(container_id).start()
+    except Exception as exc:  # noqa: BLE001 - no engine, no SDK, no permission: all the same here
+        print(f"loadtest: cannot sample container {container_id}: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+        return None
+
+
 def run(args: argparse.Namespace) -> dict:
     payloads = load_photos(args.photos) if args.photos else dog_photos(args.images)
     results = []
@@ -147,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"   healthy after {container.startup_s:.1f} s at {container.url}", flush=True)
             target = Target(container.url, timeout_s=args.timeout)
             container_id = container.container_id
-        sampler = ContainerSampler(container_id).start() if container_id else None
+        sampler = start_sampler(container_id) if container_id else None
         try:
             print(f"== ramp: {label}", flush=True)
             result = measure(target, payloads, args, settings, sampler)
@@ -156,6 +166,9 @@ def run(args: argparse.Namespace) -> dict:
         finally:
             if sampler is not None:
                 sampler.stop()
+                if sampler.error or not sampler.samples:
+                    print(f"loadtest: no CPU/memory samples from container {container_id} "
+                          f"({sampler.error or 'no stats received'})", file=sys.stderr, flush=True)
             if container is not None:
                 container.stop()
         print(f"   stopped: {result.stopped_because}; max sustainable {result.max_rate:.2f} requests/s", flush=True)

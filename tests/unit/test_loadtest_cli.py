@@ -41,6 +41,17 @@ def test_loadtest_finds_the_capacity_and_writes_report_and_plot(tmp_path, capsys
     assert f"{report['recommended_invocations_per_instance']} (= {rate:.2f} x 60 x 0.5)" in out
 
 
+def test_a_container_that_cannot_be_sampled_is_a_warning_not_a_failure(tmp_path, capsys):
+    with CapacityServer(slots=2, service_s=0.05) as server:
+        code = loadtest.main(["--url", server.url, "--container", "kennel-no-such-container-here",
+                              "--concurrency", "1", "--step-seconds", "1", "--warmup-requests", "1",
+                              "--report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])
+    assert code == 0
+    assert "no CPU/memory samples from container kennel-no-such-container-here" in capsys.readouterr().err
+    step = json.loads((tmp_path / "r.json").read_text())["configurations"][0]["steps"][0]
+    assert step["cpu_percent"] is None and step["memory_mib"] is None
+
+
 def test_no_passing_step_exits_non_zero_without_a_recommendation(tmp_path, capsys):
     with CapacityServer(slots=1, service_s=0.05, fail_every=3) as server:
         code = loadtest.main(["--url", server.url, "--concurrency", "1,2", "--step-seconds", "1",
