@@ -3,6 +3,7 @@ SageMaker's `docker run IMAGE serve`, refusing a bad model with one line, draini
 `docker stop`, and restarting. Everything is reached through 127.0.0.1 only."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -219,3 +220,46 @@ def test_sagemaker_style_run_with_bind_to_port_and_restart(serve_image, model_di
     assert container.invoke(PHOTO).status == 200
     assert "already running" not in container.logs()
     assert container.state()["Running"]
+
+
+def test_a_model_of_the_original_system_is_converted_and_answers_like_the_original(serve_image, train_image,
+                                                                                   tmp_path, containers):
+    """The original's model.tar.gz (only model.pth: ResNet-50 + its head, 133 classes) -> the training
+    image's `convert` -> this image: the original's clients get the original's scores."""
+    import tarfile
+
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from bench_serve import build_network
+
+    torch.manual_seed(3)
+    original = build_network("resnet50", 133)  # the original head: Linear(2048,128)-ReLU-Linear(128,133)
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.save(original.cpu().state_dict(), work / "model.pth")
+    with tarfile.open(work / "model.tar.gz", "w:gz") as archive:
+        archive.add(work / "model.pth", arcname="model.pth")
+    (work / "model.pth").unlink()
+    os.chmod(work, 0o777)  # the training image writes model/ here as its own user
+    run(["docker", "run", "--rm", "-v", f"{work}:/work", train_image, "convert", "--model-tar", "/work/model.tar.gz",
+         "--output", "/work/model"], timeout=900)
+
+    container = Container(serve_image, work / "model")
+    containers.append(container)
+    container.wait_ready()
+    reply = container.invoke(PHOTO, "image/jpeg", accept="application/json")
+    assert reply.status == 200, reply.body
+    scores = np.asarray(reply.json())
+    assert scores.shape == (1, 133)
+    # What the original endpoint computed: its eval transform (squash to 224x224, no
+    # normalisation) and the eager network.
+    image = Image.open(io.BytesIO(PHOTO)).convert("RGB")
+    with torch.no_grad():
+        expected = original(transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor()])(image)
+                            .unsqueeze(0)).numpy()
+    np.testing.assert_allclose(scores, expected, atol=1e-3 * max(1.0, float(np.abs(expected).max())), rtol=0)
+    assert scores.argmax() == expected.argmax()
+    top = container.invoke(PHOTO, accept="application/vnd.kennel.topk+json").json()[0][0]
+    assert top["index"] == int(expected.argmax()) and top["class_name"].startswith(f"{top['index'] + 1:03d}.")
