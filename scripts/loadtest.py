@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where.add_argument("--model-dir", type=Path, default=Path("model"),
                        help="model folder the started container serves (default ./model)")
     where.add_argument("--container", help="with --url: a container name or id to sample CPU and memory from")
+    where.add_argument("--wait", type=float, default=10.0,
+                       help="with --url: seconds to wait for GET /ping to answer 200 (default 10)")
     where.add_argument("--workers", type=_int_list,
                        help="sweep SAGEMAKER_MODEL_SERVER_WORKERS over these values (started container only)")
     where.add_argument("--threads", type=_int_list,
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
         container = None
         if args.url:
             target = Target(args.url, timeout_s=args.timeout)
-            wait_until_healthy(target.with_path("/ping"), timeout_s=10)
+            wait_until_healthy(target.with_path("/ping"), timeout_s=args.wait)
             container_id = args.container
         else:
             print(f"== starting `serve` on {args.model_dir} ({label})", flush=True)

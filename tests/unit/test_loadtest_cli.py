@@ -71,7 +71,8 @@ def test_no_passing_step_exits_non_zero_without_a_recommendation(tmp_path, capsy
 def test_unreachable_endpoint_is_one_readable_line(tmp_path):
     with CapacityServer() as server:
         url = server.url
-    result = subprocess.run([sys.executable, str(SCRIPT), "--url", url, "--report", str(tmp_path / "r.json")],
+    result = subprocess.run([sys.executable, str(SCRIPT), "--url", url, "--wait", "1",
+                             "--report", str(tmp_path / "r.json")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
