@@ -126,7 +126,8 @@ def test_tensorboard_has_the_epoch_curves(finished_run):
     base, _, _ = finished_run
     events = EventAccumulator(str(base / "output" / "tensorboard"))
     events.Reload()
-    assert {"loss/train", "loss/valid", "accuracy/train", "accuracy/valid", "loss/test"} <= set(events.Tags()["scalars"])
+    expected = {"loss/train", "loss/valid", "accuracy/train", "accuracy/valid", "loss/test"}
+    assert expected <= set(events.Tags()["scalars"])
     assert [event.step for event in events.Scalars("loss/valid")] == [1, 2]
 
 

@@ -123,14 +123,16 @@ def _integer(low: int, high: int) -> Callable[[Any], int]:
 
 
 def _real(low: float, high: float, low_open: bool = False) -> Callable[[Any], float]:
+    expected = f"expected a number above {low} up to {high}" if low_open else f"expected a number from {low} to {high}"
+
     def parse(value: Any) -> float:
         if isinstance(value, str):
             value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid(f"expected a number {'above' if low_open else 'from'} {low} {'up ' if low_open else ''}to {high}")
+            raise _Invalid(expected)
         value = float(value)
-        if not (low < value <= high if low_open else low <= value <= high):
-            raise _Invalid(f"expected a number {'above' if low_open else 'from'} {low} {'up ' if low_open else ''}to {high}")
+        if not (low < value <= high if low_open else low <= value <= high):  # also refuses NaN
+            raise _Invalid(expected)
         return value
     return parse
 
@@ -202,7 +204,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("momentum", 0.9, _real(0.0, 1.0), "SGD momentum (sgd only)"),
     Setting("weight_decay", 0.0, _real(0.0, 1.0), "L2 penalty (decoupled for adamw)"),
     Setting("seed", 0, _integer(0, 2**32 - 1), "seed for weights, shuffling and augmentation"),
-    Setting("workers", None, _workers, "data loader processes decoding images: auto (one per usable CPU, at most 8) or a count"),
+    Setting("workers", None, _workers,
+            "data loader processes decoding images: auto (one per usable CPU, at most 8) or a count"),
     Setting("mixed_precision", "auto", _choice(PRECISIONS),
             "auto: bf16 or fp16 on CUDA, bf16 on CPUs with native bf16, else fp32"),
     Setting("device", "auto", _choice(DEVICES), "auto: CUDA when present, else CPU"),

@@ -137,8 +137,9 @@ def check_splits(splits: Sequence[SplitIndex], max_fraction: float) -> None:
         check_unreadable(split, len(split.unreadable), max_fraction)
     empty = sorted(set(range(len(train.classes))) - {label for _, label in train.samples})
     if empty:
-        raise TrainingFailure(f"{len(empty)} classes have no training images ({_some([train.classes[i] for i in empty])})"
-                              ": every class folder in train/ needs images")
+        names = _some([train.classes[i] for i in empty])
+        raise TrainingFailure(f"{len(empty)} classes have no training images ({names}): every class folder in train/ "
+                              "needs images")
 
 
 def _some(names: Sequence[str], limit: int = 5) -> str:

@@ -72,7 +72,6 @@ def cli(argv: Sequence[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     base_dir = args.pop("base_dir")
     if base_dir:
-        import os
         os.environ[contract.BASE_DIR_ENV] = base_dir
     code, _ = run(flags={name: value for name, value in args.items() if value is not None})
     return code

@@ -138,8 +138,8 @@ class OnnxFrozenPart:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(module, (torch.zeros(1, 3, *input_size),), buffer, input_names=["images"],
-                              output_names=["features"], dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-                              opset_version=17, dynamo=False)
+                              output_names=["features"], opset_version=17, dynamo=False,
+                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
