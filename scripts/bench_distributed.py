@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""One host vs two hosts on this machine: epoch time and the bytes all-reduced per step.
+
+    .venv/bin/python scripts/bench_distributed.py [--architecture resnet50] [--train-per-class 48]
+
+Runs the real training entry point (the sagemaker-training toolkit's `train`
+with kennel_train.main) on a generated dataset, side by side in one run:
+
+* one host using every core of this machine;
+* two hosts (two processes, gloo over the loopback), each pinned to its own
+  share of the cores, so the pair has the same CPUs as the single host.
+
+It reports the last epoch's training time (the first one warms up), and the
+communication of a step: the gradients DDP all-reduces (the trainable
+parameters: with a frozen backbone, the head only), the bytes a rank sends
+for them in a ring all-reduce, and the time of that all-reduce on this
+machine's loopback (a separate two-process measurement). Pretrained weights
+are not used (random backbone, same compute).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "containers" / "train"), str(REPO / "containers" / "artifact")]
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from kennel_train.model import build_network  # noqa: E402
+from kennel_train.sample import generate  # noqa: E402
+
+TRAIN = Path(sys.executable).with_name("train")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_job(root: Path, dataset: Path, hosts: list[str], cores: list[set[int]], hyperparameters: dict[str, str]) -> dict:
+    """Start one `train` per host, wait for all; return each host's last-epoch numbers."""
+    port = free_port()
+    processes = {}
+    for host, host_cores in zip(hosts, cores):
+        base = root / host
+        config = base / "input" / "config"
+        config.mkdir(parents=True)
+        (config / "resourceconfig.json").write_text(json.dumps(
+            {"current_host": host, "hosts": hosts, "network_interface_name": "lo"}))
+        (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+        (config / "inputdataconfig.json").write_text(json.dumps({"training": {"TrainingInputMode": "File"}}))
+        (base / "input" / "data").mkdir(parents=True)
+        (base / "input" / "data" / "training").symlink_to(dataset)
+        env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": "kennel_train.main:main",
+               "PYTHONPATH": os.pathsep.join(sys.path[:2]), "KENNEL_DIST_PORT": str(port),
+               "KENNEL_DIST_ADDRESSES": ",".join(f"{h}=127.0.0.1" for h in hosts)}
+        log = open(base / "train.log", "w")
+        processes[host] = (subprocess.Popen([str(TRAIN)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=lambda c=host_cores: os.sched_setaffinity(0, c)), log)
+    results = {}
+    for host, (process, log) in processes.items():
+        code = process.wait()
+        log.close()
+        text = (root / host / "train.log").read_text()
+        if code != 0:
+            sys.exit(f"{host} failed ({code}):\n{text[-3000:]}")
+        epochs = re.findall(r"^progress train epoch=(\d+)/\d+ done images=(\d+) seconds=([\d.]+)", text, re.MULTILINE)
+        epoch, images, seconds = epochs[-1]
+        results[host] = {"epoch": int(epoch), "images": int(images), "seconds": float(seconds)}
+    return results
+
+
+def _all_reduce_worker(rank: int, port: int, numel: int, repeats: int, queue) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % len(os.sched_getaffinity(0))]})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
+    tensor = torch.ones(numel)
+    times = []
+    for _ in range(repeats + 3):
+        dist.barrier()
+        started = time.perf_counter()
+        dist.all_reduce(tensor)
+        times.append(time.perf_counter() - started)
+    dist.destroy_process_group()
+    if rank == 0:
+        queue.put(statistics.median(times[3:]))
+
+
+def all_reduce_seconds(numel: int, repeats: int = 30) -> float:
+    """Median time of one gloo all-reduce of ``numel`` float32 between two processes on the loopback."""
+    context = multiprocessing.get_context("spawn")
+    queue, port = context.Queue(), free_port()
+    workers = [context.Process(target=_all_reduce_worker, args=(rank, port, numel, repeats, queue))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    seconds = queue.get(timeout=300)
+    for worker in workers:
+        worker.join()
+    return seconds
+
+
+def trainable_parameters(architecture: str, classes: int, freeze_backbone: bool) -> int:
+    network = build_network(architecture, "original", classes)
+    parts = [network.fc] if freeze_backbone else [network.layer4, network.fc]
+    return sum(p.numel() for part in parts for p in part.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--architecture", default="resnet50")
+    parser.add_argument("--classes", type=int, default=5)
+    parser.add_argument("--train-per-class", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+
+    cpus = sorted(os.sched_getaffinity(0))
+    halves = [set(cpus[: max(1, len(cpus) // 2)]), set(cpus[len(cpus) // 2:]) or set(cpus)]
+    hyperparameters = {"architecture": json.dumps(args.architecture), "pretrained": "false",
+                       "epochs": str(args.epochs), "batch_size": str(args.batch_size), "workers": "auto",
+                       "progress_interval": "1000"}
+    with tempfile.TemporaryDirectory(prefix="kennel-bench-dist-") as tmp:
+        root = Path(tmp)
+        dataset = generate(root / "data", classes=args.classes,
+                           counts={"train": args.train_per_class, "valid": 2, "test": 2})
+        total = args.classes * args.train_per_class
+        print(f"machine: {len(cpus)} CPUs ({platform_cpu()}), torch {torch.__version__}; "
+              f"{args.architecture} frozen backbone, batch {args.batch_size}, {total} training images, "
+              f"epoch {args.epochs} of {args.epochs} timed", flush=True)
+        one = run_job(root / "one", dataset, ["bench-host-a"], [set(cpus)], hyperparameters)
+        two = run_job(root / "two", dataset, ["bench-host-a", "bench-host-b"], halves, hyperparameters)
+
+    one_seconds = one["bench-host-a"]["seconds"]
+    two_seconds = max(result["seconds"] for result in two.values())
+    print(f"one host  ({len(cpus)} CPUs):       epoch {one_seconds:6.1f} s, "
+          f"{one['bench-host-a']['images'] / one_seconds:5.1f} images/s")
+    print(f"two hosts ({len(halves[0])} CPU{'s' if len(halves[0]) > 1 else ''} each):  epoch {two_seconds:6.1f} s, "
+          f"{total / two_seconds:5.1f} images/s; per rank images "
+          + ", ".join(str(result["images"]) for result in two.values()))
+    print(f"two hosts / one host epoch time: {two_seconds / one_seconds:.2f}")
+
+    steps = -(-total // 2 // args.batch_size)
+    for frozen in (True, False):
+        numel = trainable_parameters(args.architecture, args.classes, frozen)
+        payload = numel * 4
+        ring = 2 * (2 - 1) / 2 * payload
+        seconds = all_reduce_seconds(numel)
+        what = "head only (freeze_backbone=true)" if frozen else "layer4 + head (freeze_backbone=false)"
+        print(f"all-reduce per step, {what}: {numel:,} gradients = {payload / 2**20:.2f} MiB fp32; "
+              f"a rank of 2 sends {ring / 2**20:.2f} MiB; gloo on the loopback {seconds * 1000:.1f} ms; "
+              f"{steps} steps per epoch -> {steps * seconds:.2f} s of all-reduce per epoch")
+
+
+def platform_cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
