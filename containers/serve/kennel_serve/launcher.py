@@ -167,8 +167,9 @@ def start_mms(settings: ServeSettings, env: dict[str, str]) -> subprocess.Popen:
         raise ServeError("multi-model-server is not installed in this environment")
     command = [cli, "--start", "--foreground", "--mms-config", str(config), "--model-store", "/",
                "--models", f"{MODEL_NAME}={settings.model_dir.resolve()}", "--log-config", str(LOG_CONFIG)]
-    # Own process group: the launcher stops the CLI, the JVM and every Python worker together.
-    return subprocess.Popen(command, env=env, cwd=str(settings.state_dir), start_new_session=True)
+    # Own process group (same session): the launcher stops the CLI, the JVM and every Python
+    # worker together.
+    return subprocess.Popen(command, env=env, cwd=str(settings.state_dir), process_group=0)
 
 
 def ping(settings: ServeSettings) -> bool:
