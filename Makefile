@@ -66,14 +66,15 @@ train: image-train ## train with docker compose (KENNEL_DATA_DIR=path/to/dogImag
 	  KENNEL_TRAIN_IMAGE=$(TRAIN_IMAGE) $(COMPOSE) run --rm train
 
 train-distributed: image-train ## train ONE model on two hosts, algo-1 and algo-2, with compose (data-parallel; KENNEL_DATA_DIR as for train)
-	mkdir -p model output/algo-1 output/algo-2 checkpoints
+	mkdir -p model output/algo-1 output/algo-2 checkpoints/distributed
 	rm -f output/algo-1/failure output/algo-2/failure
 	@export $(AS_ME) $(if $(KENNEL_DATA_DIR),KENNEL_DATA_DIR=$(abspath $(KENNEL_DATA_DIR))) KENNEL_TRAIN_IMAGE=$(TRAIN_IMAGE); \
 	$(COMPOSE) --profile distributed up algo-1 algo-2; \
 	codes=$$($(COMPOSE) --profile distributed ps --all --format '{{.Service}}={{.ExitCode}}' algo-1 algo-2); \
 	$(COMPOSE) --profile distributed rm --force algo-1 algo-2 >/dev/null 2>&1; \
 	echo "exit codes:" $$codes; \
-	case "$$codes" in *=[1-9]*) cat output/algo-*/failure 2>/dev/null; exit 1;; esac
+	case "$$codes" in *=[1-9]*) for host in algo-1 algo-2; do \
+	  [ -f output/$$host/failure ] && echo "$$host: $$(cat output/$$host/failure)"; done; exit 1;; esac
 
 sample: image-train ## write the bundled sample dataset to data/sample (generated, no download)
 	mkdir -p data/sample

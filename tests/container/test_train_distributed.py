@@ -62,7 +62,9 @@ def test_two_hosts_train_one_model_and_the_leader_writes_it(compose_project, tmp
     assert metrics["runtime"]["world_size"] == 2 and metrics["test"]["images"] == 20
     assert not (tmp_path / "output" / "algo-2" / "data").exists()
     assert not any((tmp_path / "output" / host / "failure").exists() for host in HOSTS)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["epoch-0001.pt", "epoch-0002.pt"]
+    # the job's own checkpoint folder (a single-host run's is ./checkpoints)
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "distributed").glob("*.pt")) == \
+        ["epoch-0001.pt", "epoch-0002.pt"]
 
 
 def test_killing_one_host_ends_the_other_with_a_reason_in_bounded_time(compose_project, tmp_path):
