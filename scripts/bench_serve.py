@@ -118,12 +118,17 @@ def time_calls(call, payloads: list[bytes], count: int) -> float:
     return statistics.median(times)
 
 
-def onnx_pipeline(model_dir: Path, threads: int):
-    """decode + preprocess + forward exactly as a serving worker with `threads` engine threads does it."""
+def engine_config(workers: int, threads: int) -> str:
+    """The ONNX Runtime configuration a worker of this layout runs (kennel_serve.handler's rule)."""
+    return f"{threads}t" + ("-spin" if workers == 1 and threads > 1 else "")
+
+
+def onnx_pipeline(model_dir: Path, config: str):
+    """decode + preprocess + forward exactly as a serving worker with this engine configuration does it."""
     from kennel_serve.engine import KennelModel
     from kennel_serve.inputs import decode_request
 
-    model = KennelModel.load(model_dir, threads=threads, spinning=threads > 1)
+    model = KennelModel.load(model_dir, threads=int(config.split("t")[0]), spinning=config.endswith("-spin"))
 
     def call(payload: bytes):
         images = decode_request(payload, "image/jpeg", fetch_url=None, max_images=1,
@@ -331,9 +336,10 @@ def main(argv: list[str] | None = None) -> int:
                 prioritize(container_pid(served.name))
             return served
 
-        pipelines = {threads: onnx_pipeline(model_dir, threads) for threads in {1, *(t for _, t in parse_layouts(args.layouts))}}
+        configs = {"1t", *(engine_config(w, t) for w, t in parse_layouts(args.layouts))}
+        pipelines = {config: onnx_pipeline(model_dir, config) for config in sorted(configs)}
         eager = eager_pipeline(model_dir, args.arch, args.classes)
-        inproc: dict[int, list[float]] = {t: [] for t in pipelines}
+        inproc: dict[str, list[float]] = {config: [] for config in pipelines}
         eager_times: list[float] = []
 
         for workers, threads in parse_layouts(args.layouts):
@@ -345,9 +351,10 @@ def main(argv: list[str] | None = None) -> int:
                 sequential_p50(server.url, payloads, 10)  # warm
                 served = []
                 for _ in range(args.rounds):
-                    inproc[threads].append(time_calls(pipelines[threads], payloads, args.requests))
-                    if threads != 1:
-                        inproc[1].append(time_calls(pipelines[1], payloads, args.requests))
+                    config = engine_config(workers, threads)
+                    inproc[config].append(time_calls(pipelines[config], payloads, args.requests))
+                    if config != "1t":
+                        inproc["1t"].append(time_calls(pipelines["1t"], payloads, args.requests))
                     eager_times.append(time_calls(eager, payloads, args.requests))
                     served.append(sequential_p50(server.url, payloads, args.requests))
                 steps = saturation(server.url, payloads, workers, args.saturation_s)
@@ -367,12 +374,13 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
         results["cold_start_s"] = cold
 
-    single = statistics.median(inproc[1])
-    results["inproc_p50_s"] = {str(t): statistics.median(v) for t, v in inproc.items() if v}
+    single = statistics.median(inproc["1t"])
+    results["inproc_p50_s"] = {config: statistics.median(v) for config, v in inproc.items() if v}
     results["original_eager_p50_s"] = statistics.median(eager_times)
     for label, layout in results["layouts"].items():
         best = max(step["throughput"] for step in layout["saturation"].values())
-        layout["latency_ratio"] = layout["served_p50_s"] / results["inproc_p50_s"][str(layout["threads"])]
+        layout["engine"] = engine_config(layout["workers"], layout["threads"])
+        layout["latency_ratio"] = layout["served_p50_s"] / results["inproc_p50_s"][layout["engine"]]
         layout["throughput_per_s"] = best
         layout["throughput_ratio"] = best / (cpus / single)
         layout["speedup_vs_original"] = results["original_eager_p50_s"] / layout["served_p50_s"]
@@ -390,13 +398,13 @@ def report(results: dict, cpus: int) -> None:
           f"load average {m['load_average_at_start']} -> {m['load_average_at_end']}")
     print(f"model: {results['model']}; payload: 500x375 JPEG, {results['payload_bytes'] / 1000:.0f} kB; "
           f"served by {results['server']}" + (", autogroups at nice -19" if results["priority"] else ""))
-    print("in-process decode+preprocess+forward (ONNX Runtime): " +
-          ", ".join(f"{t} thread(s) {ms(v)}" for t, v in sorted(results["inproc_p50_s"].items())))
+    print("in-process decode+preprocess+forward (ONNX Runtime; threads, -spin: spinning pool): " +
+          ", ".join(f"{config} {ms(v)}" for config, v in sorted(results["inproc_p50_s"].items())))
     print(f"original's way (PyTorch eager, default threads): {ms(results['original_eager_p50_s'])}")
     target = results["targets"]
     for label, layout in results["layouts"].items():
         print(f"\nlayout {label}: served p50 {ms(layout['served_p50_s'])} "
-              f"= {layout['latency_ratio']:.2f} x in-process (target <= {target['latency_ratio_max']})")
+              f"= {layout['latency_ratio']:.2f} x in-process {layout['engine']} (target <= {target['latency_ratio_max']})")
         print(f"  throughput {layout['throughput_per_s']:.1f}/s = {layout['throughput_ratio']:.2f} x "
               f"{cpus} CPUs / single-thread time (target >= {target['throughput_ratio_min']}); steps: " +
               ", ".join(f"{k} in flight {v['throughput']:.1f}/s p99 {ms(v['p99'])}"

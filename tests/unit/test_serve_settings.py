@@ -18,7 +18,7 @@ def test_defaults_follow_the_sagemaker_contract(two_cpus):
     assert str(settings.model_dir) == "/opt/ml/model"
     assert settings.port == 8080
     assert settings.max_payload_bytes == 6 * MIB
-    assert (settings.workers, settings.ort_threads) == (2, 1)
+    assert (settings.workers, settings.ort_threads) == (1, 2)
     assert settings.model_server_timeout_s == 60
     assert settings.url.enabled and not settings.url.allowed_networks
 
@@ -53,9 +53,9 @@ def test_batch_transform_settings_and_execution_parameters(two_cpus):
     assert settings.batch and settings.workers == 1  # no more workers than concurrent requests
     assert json.loads(settings.execution_parameters()) == {
         "MaxConcurrentTransforms": 1, "BatchStrategy": "SINGLE_RECORD", "MaxPayloadInMB": 50}
-    # Without a given concurrency, the answer is what the server can do at once.
+    # Without a given concurrency, the answer is what the server can do at once: one request per worker.
     assert json.loads(ServeSettings.from_env({})
-                      .execution_parameters())["MaxConcurrentTransforms"] == 2
+                      .execution_parameters())["MaxConcurrentTransforms"] == 1
 
 
 def test_allowlist_takes_addresses_networks_and_host_names(two_cpus):
@@ -108,7 +108,7 @@ def test_cpus_from_cgroup_v1_quota_and_cpuset(tmp_path, monkeypatch):
 
 
 def test_worker_layout_fills_the_cpus_without_oversubscribing():
-    assert cpus.worker_layout(4) == (4, 1)
+    assert [cpus.worker_layout(n) for n in (1, 2, 3, 4, 8)] == [(1, 1), (1, 2), (1, 3), (2, 2), (4, 2)]
     assert cpus.worker_layout(4, workers=2) == (2, 2)
     assert cpus.worker_layout(4, threads=4) == (1, 4)
     assert cpus.worker_layout(2, workers=3) == (3, 1)
