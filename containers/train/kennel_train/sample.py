@@ -14,6 +14,7 @@ import argparse
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # The first classes of dogImages, in its own naming, so sample runs look like real ones.
@@ -30,7 +31,9 @@ _PALETTE = [(200, 60, 40), (40, 160, 70), (50, 80, 200), (220, 190, 40), (150, 6
 def draw_image(class_index: int, rng: random.Random, size: tuple[int, int] = SIZE) -> Image.Image:
     width, height = size
     background = tuple(rng.randint(60, 200) for _ in range(3))
-    image = Image.effect_noise(size, rng.uniform(20, 60)).convert("RGB")
+    # Noise from the seeded rng (Pillow's effect_noise has its own unseeded generator).
+    noise = np.random.default_rng(rng.getrandbits(64)).normal(128, rng.uniform(20, 60), (height, width, 3))
+    image = Image.fromarray(noise.clip(0, 255).astype(np.uint8), "RGB")
     image = Image.blend(image, Image.new("RGB", size, background), 0.6)
     draw = ImageDraw.Draw(image)
     colour = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in _PALETTE[class_index % len(_PALETTE)])
