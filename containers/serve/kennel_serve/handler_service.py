@@ -41,7 +41,13 @@ class HandlerService(DefaultHandlerService):
         if multiprocessing.parent_process() is None:
             # MMS's server process (preload_model): workers are forked from here and load then.
             import kennel_serve.engine  # noqa: F401  (ONNX Runtime, numpy: imported once, before the forks)
-            os.register_at_fork(after_in_child=lambda: self._load_model(context))
+            server = os.getpid()
+
+            def in_forked_worker() -> None:
+                if os.getppid() == server:  # the hook is inherited by later forks: only MMS's workers load
+                    self._load_model(context)
+
+            os.register_at_fork(after_in_child=in_forked_worker)
             return
         self._load_model(context)  # a worker forked without preload (MMS_PRELOAD_MODEL=false)
 

@@ -37,8 +37,9 @@ class UrlFetchSettings:
     # Addresses (CIDRs) and host names exempt from the public-address rule.
     allowed_networks: tuple[IpNetwork, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
-    connect_timeout_s: float = 3.0
-    timeout_s: float = 10.0  # the whole download, redirects included
+    # A worker waits for the download; the bounds keep one slow image host from holding it.
+    connect_timeout_s: float = 2.0
+    timeout_s: float = 5.0  # the whole download, redirects included
     max_bytes: int = 10 * MIB
     max_redirects: int = 3
 
@@ -108,8 +109,8 @@ class ServeSettings:
                 enabled=read.flag("KENNEL_URL_FETCH", True),
                 allowed_networks=networks,
                 allowed_hosts=hosts,
-                connect_timeout_s=read.number("KENNEL_URL_CONNECT_TIMEOUT_S", 3.0, low=0.01, high=60),
-                timeout_s=read.number("KENNEL_URL_TIMEOUT_S", 10.0, low=0.01, high=55),
+                connect_timeout_s=read.number("KENNEL_URL_CONNECT_TIMEOUT_S", 2.0, low=0.01, high=60),
+                timeout_s=read.number("KENNEL_URL_TIMEOUT_S", 5.0, low=0.01, high=55),
                 max_bytes=read.integer("KENNEL_URL_MAX_BYTES", 10 * MIB, low=1),
                 max_redirects=read.integer("KENNEL_URL_MAX_REDIRECTS", 3, low=0, high=10),
             ),
