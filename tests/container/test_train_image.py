@@ -177,6 +177,24 @@ def test_compose_up_train_on_the_bundled_sample(compose_project, tmp_path):
     assert owners == {4321}
 
 
+def test_compose_hyperparameters_file_reaches_the_program(compose_project, tmp_path):
+    """KENNEL_HYPERPARAMETERS=file: becomes hyperparameters.json (a typo in it fails fast, naming the key)."""
+    settings = tmp_path / "hp.json"
+    settings.write_text(json.dumps({"epoch": 3, "pretrained": False}))
+    project = compose_project(KENNEL_HYPERPARAMETERS=str(settings))
+    result = project.run("run", "--rm", "train", timeout=600, check=False)
+    assert result.returncode != 0
+    assert "2 from KENNEL_HYPERPARAMETERS" in result.stderr
+    reason = (tmp_path / "output" / "failure").read_text()
+    assert "unknown hyperparameter 'epoch' in hyperparameters.json" in reason, reason
+
+    settings.write_text("{not json")
+    broken = project.run("run", "--rm", "train", timeout=600, check=False)
+    assert broken.returncode == 2
+    assert "entrypoint: KENNEL_HYPERPARAMETERS is not JSON: Expecting property name" in broken.stderr
+    assert (tmp_path / "output" / "failure").read_text().startswith("KENNEL_HYPERPARAMETERS is not JSON")
+
+
 def test_docker_run_train_on_a_hand_made_opt_ml(train_image, tmp_path):
     """The SageMaker BYOC contract: `docker run IMAGE train`, /opt/ml mounted whole, string hyperparameters."""
     opt_ml = hand_made_opt_ml(tmp_path / "ml", sagemaker_strings(TINY))
