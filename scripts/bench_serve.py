@@ -119,8 +119,8 @@ def time_calls(call, payloads: list[bytes], count: int) -> float:
 
 
 def engine_config(workers: int, threads: int) -> str:
-    """The ONNX Runtime configuration a worker of this layout runs (kennel_serve.handler's rule)."""
-    return f"{threads}t" + ("-spin" if workers == 1 and threads > 1 else "")
+    """The ONNX Runtime configuration a worker of this layout runs: its thread count."""
+    return f"{threads}t"
 
 
 def onnx_pipeline(model_dir: Path, config: str):
@@ -128,7 +128,7 @@ def onnx_pipeline(model_dir: Path, config: str):
     from kennel_serve.engine import KennelModel
     from kennel_serve.inputs import decode_request
 
-    model = KennelModel.load(model_dir, threads=int(config.split("t")[0]), spinning=config.endswith("-spin"))
+    model = KennelModel.load(model_dir, threads=int(config.rstrip("t")))
 
     def call(payload: bytes):
         images = decode_request(payload, "image/jpeg", fetch_url=None, max_images=1,
@@ -398,7 +398,7 @@ def report(results: dict, cpus: int) -> None:
           f"load average {m['load_average_at_start']} -> {m['load_average_at_end']}")
     print(f"model: {results['model']}; payload: 500x375 JPEG, {results['payload_bytes'] / 1000:.0f} kB; "
           f"served by {results['server']}" + (", autogroups at nice -19" if results["priority"] else ""))
-    print("in-process decode+preprocess+forward (ONNX Runtime; threads, -spin: spinning pool): " +
+    print("in-process decode+preprocess+forward (ONNX Runtime, by engine threads): " +
           ", ".join(f"{config} {ms(v)}" for config, v in sorted(results["inproc_p50_s"].items())))
     print(f"original's way (PyTorch eager, default threads): {ms(results['original_eager_p50_s'])}")
     target = results["targets"]

@@ -31,16 +31,17 @@ log = logging.getLogger(__name__)
 ort.set_default_logger_severity(3)
 
 
-def session_options(threads: int, spinning: bool) -> ort.SessionOptions:
+def session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     # One operator at a time: a CNN is a chain; parallelism lives inside each operator.
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # ALL: includes the CPU layout transforms (NCHWc), about 1.4x faster than EXTENDED for ResNet-50.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle pool threads spin for a while before sleeping: lower latency for one worker,
-    # stolen CPU when several workers share the cores.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    # No busy-waiting pool threads: no faster on an idle machine (measured), and on a
+    # busy one a spinning thread only steals the CPU the thread it waits for needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return options
 
@@ -61,12 +62,12 @@ class KennelModel:
         self._check_signature()
 
     @classmethod
-    def load(cls, model_dir: str | Path, threads: int = 1, spinning: bool = False) -> "KennelModel":
+    def load(cls, model_dir: str | Path, threads: int = 1) -> "KennelModel":
         model_dir = Path(model_dir)
         manifest = kennel_artifact.load(model_dir)
         onnx_path = model_dir / kennel_artifact.ONNX_FILE
         try:
-            session = ort.InferenceSession(str(onnx_path), session_options(threads, spinning), providers=providers())
+            session = ort.InferenceSession(str(onnx_path), session_options(threads), providers=providers())
         except Exception as exc:  # ORT raises its own exception types for every way a file can be bad
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"{onnx_path} cannot be loaded by ONNX Runtime: {reason}") from None

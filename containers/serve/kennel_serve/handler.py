@@ -36,9 +36,7 @@ class KennelInferenceHandler(DefaultInferenceHandler):
         self.fetcher = UrlFetcher(settings.url)
 
     def default_model_fn(self, model_dir: str, context: Any = None) -> KennelModel:
-        # Spinning pool threads only pay off when one worker has the CPUs to itself.
-        spinning = self.settings.workers == 1 and self.settings.ort_threads > 1
-        return KennelModel.load(model_dir, threads=self.settings.ort_threads, spinning=spinning)
+        return KennelModel.load(model_dir, threads=self.settings.ort_threads)
 
     def default_model_warmup_fn(self, model_dir: str, model: Any, context: Any = None) -> None:
         if isinstance(model, KennelModel):

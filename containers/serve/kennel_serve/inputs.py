@@ -99,6 +99,8 @@ def _parse_json(text: bytes | bytearray | str, where: str) -> Any:
         return json.loads(_text(text))
     except json.JSONDecodeError as exc:
         raise bad_request(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise bad_request(f"{where} is nested too deeply") from None
 
 
 def _record_sources(record: Any, where: str, fetch_url: Callable[[str], bytes]) -> list[tuple[str, Callable[[], bytes]]]:

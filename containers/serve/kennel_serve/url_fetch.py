@@ -79,7 +79,10 @@ class UrlFetcher:
             if status in REDIRECT_STATUSES:
                 if not location:
                     raise refused(f"HTTP {status} redirect without a Location")
-                current = urljoin(current, location)
+                try:
+                    current = urljoin(current, location)
+                except ValueError:
+                    raise refused(f"HTTP {status} redirect to an invalid URL") from None
                 continue
             if not 200 <= status < 300:
                 raise refused(f"the server answered HTTP {status}")

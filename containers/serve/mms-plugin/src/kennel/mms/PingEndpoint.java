@@ -49,6 +49,32 @@ public class PingEndpoint extends ModelServerEndpoint {
         }
     }
 
+    // The SDK's default for other methods is an exception that MMS turns into a 500:
+    // a client's wrong method is its mistake, so answer 405 with a JSON reason.
+    @Override
+    public void doPost(Request req, Response rsp, Context ctx) throws IOException {
+        methodNotAllowed(rsp);
+    }
+
+    @Override
+    public void doPut(Request req, Response rsp, Context ctx) throws IOException {
+        methodNotAllowed(rsp);
+    }
+
+    @Override
+    public void doDelete(Request req, Response rsp, Context ctx) throws IOException {
+        methodNotAllowed(rsp);
+    }
+
+    static void methodNotAllowed(Response rsp) throws IOException {
+        rsp.setStatus(405, "Method Not Allowed");
+        rsp.setHeader("Allow", "GET");
+        rsp.setContentType("application/json");
+        try (OutputStream out = rsp.getOutputStream()) {
+            out.write("{\"error\": \"/ping accepts GET only\"}\n".getBytes(StandardCharsets.UTF_8));
+        }
+    }
+
     /** Null when ready, else a short reason (plain words, no quotes: it goes into JSON as is). */
     static String notReadyReason(Context ctx) {
         String stateDir = System.getenv("KENNEL_SERVE_STATE_DIR");
