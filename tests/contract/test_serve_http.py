@@ -134,6 +134,13 @@ def test_ping_execution_parameters_and_no_management_api(server):
     assert http(f"{server.url}/ping").status == 200
 
 
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_ping_with_another_method_is_405_with_a_reason(server, method):
+    reply = http(f"{server.url}/ping", method=method)
+    assert reply.status == 405 and reply.headers["allow"] == "GET"
+    assert reply.json() == {"error": "/ping accepts GET only"}
+
+
 @pytest.mark.parametrize("content_type, body", [
     ("image/jpeg", PHOTO), ("image/png", PNG_RGBA), ("application/x-image", GREY),
     ("application/octet-stream", PALETTE), ("image/jpeg; charset=binary", PHOTO)])
@@ -236,6 +243,13 @@ def test_url_fetch_refusals(server, image_host, target, fragment):
     assert_json_error(reply, 400, fragment)
     assert reply.json()["error"].startswith("cannot fetch the image URL")
     assert time.monotonic() - started < 10
+
+
+def test_a_redirect_to_a_malformed_url_is_refused(server, image_host):
+    url = f"{image_host}/redirect?to=http://[::1"
+    reply = server.invoke(json.dumps({"url": url}).encode(), "application/json")
+    assert reply.status == 400, reply.body
+    assert "redirect to an invalid URL" in reply.json()["error"]
 
 
 def test_redirects_within_the_limit_are_followed(server, image_host, local_model):

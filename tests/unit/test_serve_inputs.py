@@ -98,6 +98,7 @@ def test_json_lines_one_record_per_line():
     (b'{"image": "eA=="}\n{"url": ', "application/jsonlines", 400, "line 2 is not valid JSON"),
     (b"\n\n", "application/jsonlines", 400, "holds no record"),
     (b"\xff\xfe{}", "application/json", 400, "not valid UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "nested too deeply"),
 ])
 def test_client_mistakes_are_4xx_with_a_reason(body, content_type, status, message):
     error = error_of(body, content_type)
