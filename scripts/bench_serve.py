@@ -12,7 +12,8 @@ converted like an original model: Resize((224, 224)), no normalisation) and
 - in-process: decode + preprocess + forward with the same engine (ONNX Runtime,
   kennel_serve.engine) and the same threads as a serving worker; median time.
 - the original's way: PyTorch eager on the same weights, torchvision transforms,
-  torch's default threads (what the managed PyTorch container's model_fn did).
+  torch's default threads (what the managed PyTorch container's model_fn did): in
+  process, and (--server host) as a code/inference.py served by the same stack.
 - served: `docker run IMAGE serve` (SAGEMAKER_MODEL_SERVER_WORKERS x KENNEL_ORT_THREADS
   per layout), POST /invocations over 127.0.0.1 with a keep-alive connection:
   p50 of sequential requests, and the best throughput of closed-loop runs at
@@ -152,6 +153,52 @@ def eager_pipeline(model_dir: Path, architecture: str, num_classes: int):
         with torch.no_grad():
             return network(transform(image).unsqueeze(0))
     return call
+
+
+# The original system's serving code, as a code/inference.py on the same serving stack
+# (launcher, MMS, sagemaker-inference): PyTorch eager on the same weights, its eval transform.
+ORIGINAL_HANDLERS = """
+import io
+import json
+
+import torch
+import torchvision
+from PIL import Image
+from torchvision import transforms
+
+TRANSFORM = transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor()])
+
+
+def model_fn(model_dir):
+    model = torchvision.models.{arch}(weights=None)
+    model.fc = torch.nn.Sequential(torch.nn.Linear(model.fc.in_features, 128), torch.nn.ReLU(inplace=True),
+                                   torch.nn.Linear(128, {classes}))
+    model.load_state_dict(torch.load(model_dir + "/model.pth", map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def input_fn(body, content_type):
+    return Image.open(io.BytesIO(body)).convert("RGB")
+
+
+def predict_fn(image, model):
+    with torch.no_grad():
+        return model(TRANSFORM(image).unsqueeze(0))
+
+
+def output_fn(prediction, accept):
+    return json.dumps(prediction.tolist()), "application/json"
+"""
+
+
+def original_model_dir(model_dir: Path, architecture: str, num_classes: int) -> Path:
+    """model_dir's files plus code/inference.py with the original's handlers, in a sibling base dir."""
+    original = model_dir.parent / "original" / "model"
+    (original / "code").mkdir(parents=True)
+    for item in model_dir.iterdir():
+        (original / item.name).symlink_to(item)
+    (original / "code" / "inference.py").write_text(ORIGINAL_HANDLERS.format(arch=architecture, classes=num_classes))
+    return original
 
 
 # --------------------------------------------------------------------------- served
@@ -342,6 +389,15 @@ def main(argv: list[str] | None = None) -> int:
         inproc: dict[str, list[float]] = {config: [] for config in pipelines}
         eager_times: list[float] = []
 
+        original_server = None
+        if args.server == "host":  # the image has no torch: the original's way runs from this checkout
+            print("== the original's handlers (PyTorch eager) on the same serving stack", flush=True)
+            original_server = ServedOnHost(original_model_dir(model_dir, args.arch, args.classes),
+                                           {"SAGEMAKER_MODEL_SERVER_WORKERS": "1"}, plugins)
+            first_answer(original_server, payloads[0])
+            sequential_p50(original_server.url, payloads, 10)  # warm
+        original_served: list[float] = []
+
         for workers, threads in parse_layouts(args.layouts):
             label = f"{workers}x{threads}"
             print(f"== layout {label}: {workers} worker(s) x {threads} engine thread(s)", flush=True)
@@ -356,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                     if config != "1t":
                         inproc["1t"].append(time_calls(pipelines["1t"], payloads, args.requests))
                     eager_times.append(time_calls(eager, payloads, args.requests))
+                    if original_server is not None:
+                        original_served.append(sequential_p50(original_server.url, payloads, args.requests))
                     served.append(sequential_p50(server.url, payloads, args.requests))
                 steps = saturation(server.url, payloads, workers, args.saturation_s)
             finally:
@@ -364,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "served_p50_s": statistics.median(served), "served_p50_rounds_s": served,
                                          "saturation": steps}
 
+        if original_server is not None:
+            original_server.stop()
         print("== cold starts (default layout)", flush=True)
         cold = []
         for _ in range(args.cold_starts):
@@ -377,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     single = statistics.median(inproc["1t"])
     results["inproc_p50_s"] = {config: statistics.median(v) for config, v in inproc.items() if v}
     results["original_eager_p50_s"] = statistics.median(eager_times)
+    if original_served:
+        results["original_served_p50_s"] = statistics.median(original_served)
     for label, layout in results["layouts"].items():
         best = max(step["throughput"] for step in layout["saturation"].values())
         layout["engine"] = engine_config(layout["workers"], layout["threads"])
@@ -384,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         layout["throughput_per_s"] = best
         layout["throughput_ratio"] = best / (cpus / single)
         layout["speedup_vs_original"] = results["original_eager_p50_s"] / layout["served_p50_s"]
+        if original_served:
+            layout["speedup_vs_original_served"] = results["original_served_p50_s"] / layout["served_p50_s"]
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report(results, cpus)
     if args.json:
@@ -400,7 +464,9 @@ def report(results: dict, cpus: int) -> None:
           f"served by {results['server']}" + (", autogroups at nice -19" if results["priority"] else ""))
     print("in-process decode+preprocess+forward (ONNX Runtime, by engine threads): " +
           ", ".join(f"{config} {ms(v)}" for config, v in sorted(results["inproc_p50_s"].items())))
-    print(f"original's way (PyTorch eager, default threads): {ms(results['original_eager_p50_s'])}")
+    print(f"original's way (PyTorch eager, default threads): {ms(results['original_eager_p50_s'])} in process"
+          + (f", {ms(results['original_served_p50_s'])} served by the same stack (p50)"
+             if "original_served_p50_s" in results else ""))
     target = results["targets"]
     for label, layout in results["layouts"].items():
         print(f"\nlayout {label}: served p50 {ms(layout['served_p50_s'])} "
@@ -409,8 +475,9 @@ def report(results: dict, cpus: int) -> None:
               f"{cpus} CPUs / single-thread time (target >= {target['throughput_ratio_min']}); steps: " +
               ", ".join(f"{k} in flight {v['throughput']:.1f}/s p99 {ms(v['p99'])}"
                         for k, v in layout["saturation"].items()))
-        print(f"  {layout['speedup_vs_original']:.2f} x faster than the original's way "
-              f"(target >= {target['speedup_vs_original_min']})")
+        print(f"  {layout['speedup_vs_original']:.2f} x faster than the original's way in process"
+              + (f", {layout['speedup_vs_original_served']:.2f} x served" if "speedup_vs_original_served" in layout
+                 else "") + f" (target >= {target['speedup_vs_original_min']})")
     cold = results["cold_start_s"]
     print(f"\ncold start ({'docker run' if results['server'] == 'docker' else 'serve'} -> first 200): median {statistics.median(cold):.1f} s of "
           f"{', '.join(f'{c:.1f}' for c in cold)} (target <= {target['cold_start_s_max']} s)")
