@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -60,6 +61,28 @@ class _NeverStop:
     requested = False
 
 
+class Clock:
+    """Wall time and CPU time (this process and its reaped children: loader workers) of one epoch.
+
+    On a shared host other jobs stretch wall time; CPU seconds per image are what
+    the variant itself cost, so both are reported."""
+
+    def __enter__(self) -> "Clock":
+        self.wall, self.cpu = time.perf_counter(), self._cpu()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, self._cpu() - self.cpu
+
+    @staticmethod
+    def _cpu() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    def figures(self, images: int) -> dict[str, float]:
+        return {"images_per_second": images / self.wall, "images_per_cpu_second": images / self.cpu}
+
+
 def local_group() -> distributed.Group:
     cluster = distributed.Cluster(hosts=("bench",), current_host="bench")
     settings = distributed.Settings()
@@ -76,8 +99,8 @@ def kennel_model(architecture: str, classes: int, precision: str, engine: str
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def kennel_epoch(root: Path, architecture: str, batch_size: int, workers: int, precision: str, engine: str) -> float:
-    """kennel's training epoch end to end from JPEG files; returns images/s."""
+def kennel_epoch(root: Path, architecture: str, batch_size: int, workers: int, precision: str, engine: str) -> dict:
+    """kennel's training epoch end to end from JPEG files."""
     index = data.index_split("train", root / "train")
     dataset = data.ImageFiles(index.samples, data.TrainTransform(IMAGENET_EVAL))
     sampler = data.ResumableSampler(dataset, shuffle=True, seed=0)
@@ -85,9 +108,10 @@ def kennel_epoch(root: Path, architecture: str, batch_size: int, workers: int, p
     model, optimizer = kennel_model(architecture, len(index.classes), precision, engine)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     sampler.set_epoch(1)
-    started = time.perf_counter()  # the ONNX export of the frozen layers happened above: once per run, not per epoch
-    result = loop.train_one_epoch(model, loader, optimizer, scaler, 1, 1, local_group(), _NeverStop(), 10**9)
-    return result.count / (time.perf_counter() - started)
+    with Clock() as clock:  # the ONNX export of the frozen layers happened above: once per run, not per epoch
+        result = loop.train_one_epoch(model, loader, optimizer, scaler, 1, 1, local_group(), _NeverStop(), 10**9)
+        del loader  # its workers end (and their CPU time is counted) inside the clock
+    return clock.figures(int(result.count))
 
 
 def in_memory_batches(root: Path, batch_size: int) -> list[data.Batch]:
@@ -99,15 +123,15 @@ def in_memory_batches(root: Path, batch_size: int) -> list[data.Batch]:
     return [data.collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
-def in_memory_epoch(batches: list[data.Batch], architecture: str, classes: int, precision: str, engine: str) -> float:
+def in_memory_epoch(batches: list[data.Batch], architecture: str, classes: int, precision: str, engine: str) -> dict:
     model, optimizer = kennel_model(architecture, classes, precision, engine)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    started = time.perf_counter()
-    result = loop.train_one_epoch(model, batches, optimizer, scaler, 1, 1, local_group(), _NeverStop(), 10**9)
-    return result.count / (time.perf_counter() - started)
+    with Clock() as clock:
+        result = loop.train_one_epoch(model, batches, optimizer, scaler, 1, 1, local_group(), _NeverStop(), 10**9)
+    return clock.figures(int(result.count))
 
 
-def original_epoch(root: Path, architecture: str, batch_size: int) -> float:
+def original_epoch(root: Path, architecture: str, batch_size: int) -> dict:
     """The original training loop, re-created: its transforms, its DataLoader, its model and metric code."""
     train_transform = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
                                           transforms.ToTensor()])
@@ -123,20 +147,19 @@ def original_epoch(root: Path, architecture: str, batch_size: int) -> float:
     optimizer = torch.optim.Adam(model.fc.parameters(), lr=1e-3)
     model.train()
     running_loss, running_corrects = 0.0, 0
-    started = time.perf_counter()
-    for inputs, labels in loader:
-        optimizer.zero_grad()
-        outputs = model(inputs)
-        loss = criterion(outputs, labels)
-        loss.backward()
-        optimizer.step()
-        _, preds = torch.max(outputs, 1)
-        running_loss += loss.item()
-        running_corrects += torch.sum(preds == labels.data)
-    elapsed = time.perf_counter() - started
-    epoch_loss = running_loss // len(loader)  # the original's metrics: per batch, integer division  # noqa: F841
-    epoch_acc = running_corrects // len(loader)  # noqa: F841
-    return len(dataset) / elapsed
+    with Clock() as clock:
+        for inputs, labels in loader:
+            optimizer.zero_grad()
+            outputs = model(inputs)
+            loss = criterion(outputs, labels)
+            loss.backward()
+            optimizer.step()
+            _, preds = torch.max(outputs, 1)
+            running_loss += loss.item()
+            running_corrects += torch.sum(preds == labels.data)
+        epoch_loss = running_loss // len(loader)  # the original's metrics: per batch, integer division  # noqa: F841
+        epoch_acc = running_corrects // len(loader)  # noqa: F841
+    return clock.figures(len(dataset))
 
 
 def accuracy_run(root: Path, precision: str, epochs: int, work: Path) -> dict:
@@ -203,24 +226,28 @@ def main(argv: list[str] | None = None) -> int:
             figures = {}
             for name in order:
                 figures[name] = variants[name]()
-                print(f"round {round_number + 1} {name}: {figures[name]:.2f} images/s", flush=True)
+                print(f"round {round_number + 1} {name}: {figures[name]['images_per_second']:.2f} images/s, "
+                      f"{figures[name]['images_per_cpu_second']:.3f} images per CPU second", flush=True)
             results["rounds"].append(figures)
-        def ratio(numerator: str, denominator: str) -> list[float]:
-            return [r[numerator] / r[denominator] for r in results["rounds"]]
 
-        ratios = {
-            "pipeline (kennel fp32 / in-memory fp32)": ratio("kennel_fp32", "in_memory_fp32"),
-            "frozen backbone (kennel fp32, onnxruntime / original)": ratio("kennel_fp32", "original"),
-            "frozen backbone (kennel fp32, torch / original)": ratio("kennel_fp32_torch", "original"),
-        }
+        def ratio(numerator: str, denominator: str, measure: str) -> list[float]:
+            return [r[numerator][measure] / r[denominator][measure] for r in results["rounds"]]
+
+        pairs = {"pipeline (kennel fp32 / in-memory fp32)": ("kennel_fp32", "in_memory_fp32"),
+                 "frozen backbone (kennel fp32, onnxruntime / original)": ("kennel_fp32", "original"),
+                 "frozen backbone (kennel fp32, torch / original)": ("kennel_fp32_torch", "original")}
         if not args.skip_bf16:
-            ratios["frozen backbone (kennel bf16, torch / original)"] = ratio("kennel_bf16_torch", "original")
-        results["median_images_per_second"] = {name: statistics.median(r[name] for r in results["rounds"])
-                                               for name in variants}
-        results["median_ratios"] = {name: statistics.median(values) for name, values in ratios.items()}
-        print("median images/s: " + ", ".join(f"{k} {v:.2f}" for k, v in results["median_images_per_second"].items()))
-        for name, value in results["median_ratios"].items():
-            print(f"ratio {name}: {value:.2f} (rounds: {', '.join(f'{v:.2f}' for v in ratios[name])})")
+            pairs["frozen backbone (kennel bf16, torch / original)"] = ("kennel_bf16_torch", "original")
+        results["median"] = {}
+        for measure in ("images_per_second", "images_per_cpu_second"):
+            medians = {name: statistics.median(r[name][measure] for r in results["rounds"]) for name in variants}
+            print(f"median {measure}: " + ", ".join(f"{k} {v:.3f}" for k, v in medians.items()))
+            results["median"][measure] = {"variants": medians, "ratios": {}}
+            for label, (numerator, denominator) in pairs.items():
+                values = ratio(numerator, denominator, measure)
+                results["median"][measure]["ratios"][label] = statistics.median(values)
+                print(f"ratio of {measure}, {label}: {statistics.median(values):.2f} "
+                      f"(rounds: {', '.join(f'{v:.2f}' for v in values)})")
         if args.accuracy_epochs:
             accuracy = {}
             for precision in ("fp32", "bf16"):
