@@ -174,3 +174,36 @@ def test_an_unexpected_error_is_an_internal_error_line_and_a_logged_traceback(tm
     assert code == 1
     assert reason == "internal error: ValueError: unexpected thing"
     assert "Traceback (most recent call last)" in log and "raise_it" in log
+
+
+def test_a_stop_during_validation_keeps_the_finished_training_pass(tmp_path, monkeypatch, generated_dataset):
+    import os
+    import signal
+
+    base = tmp_path / "opt_ml"
+    (base / "input" / "data").mkdir(parents=True)
+    (base / "input" / "data" / "training").symlink_to(generated_dataset)
+    real_evaluate = loop.evaluate
+
+    def sigterm_at_first_validation(model, loader, phase, epoch, *args, **kwargs):
+        if phase == "valid" and epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as SageMaker would, while validation runs
+        return real_evaluate(model, loader, phase, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", sigterm_at_first_validation)
+    flags = ["--architecture", "resnet18", "--pretrained", "false", "--epochs", "2", "--batch-size", "4",
+             "--workers", "0"]
+    code, log = run_cli(base, monkeypatch, *flags)
+    assert code == 128 + signal.SIGTERM
+    reason = (base / "output" / "failure").read_text()
+    assert reason.startswith("stopped by SIGTERM at epoch 1 step 5 (valid); checkpoint saved to ")
+    assert "epoch=1 train_loss" not in log  # the epoch did not finish: no metric line yet
+
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
+    code, log = run_cli(base, monkeypatch, *flags)
+    assert code == 0, log
+    assert "resuming from checkpoint epoch-0001-step-000005.pt (epoch 1 step 5)" in log
+    assert "progress train epoch=1/2 done images=0 " in log  # the training pass was not repeated
+    metrics = json.loads((base / "output" / "data" / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["epochs"]] == [1, 2]
+    assert not (base / "output" / "failure").exists()
