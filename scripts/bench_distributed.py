@@ -38,6 +38,8 @@ sys.path[:0] = [str(REPO / "containers" / "train"), str(REPO / "containers" / "a
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from kennel_train.model import build_network  # noqa: E402
 from kennel_train.sample import generate  # noqa: E402
@@ -84,13 +86,38 @@ def run_job(root: Path, dataset: Path, hosts: list[str], cores: list[set[int]], 
     return results
 
 
-def _all_reduce_worker(rank: int, port: int, numel: int, repeats: int, queue) -> None:
+def trainable_part(architecture: str, classes: int, freeze_backbone: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+    """What DDP wraps in training (kennel_train.model.SplitModel) and an input of its shape."""
+    network = build_network(architecture, "original", classes)
+    if freeze_backbone:
+        return torch.nn.Sequential(network.fc), torch.randn(2, network.fc[0].in_features)
+    part = torch.nn.Sequential(network.layer4, network.avgpool, torch.nn.Flatten(1), network.fc)
+    return part, torch.randn(2, network.layer4[0].conv1.in_channels, 14, 14)
+
+
+def _communication_worker(rank: int, port: int, architecture: str, classes: int, freeze_backbone: bool,
+                          repeats: int, queue) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % len(os.sched_getaffinity(0))]})
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[rank % len(cpus)]})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
-    tensor = torch.ones(numel)
+                            timeout=datetime.timedelta(seconds=300))
+    # The buckets DDP really all-reduces, as the training loop wraps the trainable part.
+    module, example = trainable_part(architecture, classes, freeze_backbone)
+    model = DistributedDataParallel(module, gradient_as_bucket_view=True)
+    buckets: list[int] = []
+
+    def record(state, bucket):
+        buckets.append(bucket.buffer().numel() * bucket.buffer().element_size())
+        return default_hooks.allreduce_hook(state, bucket)
+
+    model.register_comm_hook(None, record)
+    for _ in range(2):  # DDP rebuilds its buckets after the first step, in gradient-ready order
+        buckets.clear()
+        model(example).sum().backward()
+    # One all-reduce of all those bytes, timed on its own.
+    tensor = torch.ones(sum(buckets) // 4)
     times = []
     for _ in range(repeats + 3):
         dist.barrier()
@@ -99,36 +126,33 @@ def _all_reduce_worker(rank: int, port: int, numel: int, repeats: int, queue) ->
         times.append(time.perf_counter() - started)
     dist.destroy_process_group()
     if rank == 0:
-        queue.put(statistics.median(times[3:]))
+        queue.put((list(buckets), statistics.median(times[3:])))
 
 
-def all_reduce_seconds(numel: int, repeats: int = 30) -> float:
-    """Median time of one gloo all-reduce of ``numel`` float32 between two processes on the loopback."""
+def communication(architecture: str, classes: int, freeze_backbone: bool, repeats: int = 30) -> tuple[list[int], float]:
+    """(DDP's bucket sizes in bytes for one step, median seconds of one gloo all-reduce of them), 2 processes."""
     context = multiprocessing.get_context("spawn")
     queue, port = context.Queue(), free_port()
-    workers = [context.Process(target=_all_reduce_worker, args=(rank, port, numel, repeats, queue))
+    workers = [context.Process(target=_communication_worker,
+                               args=(rank, port, architecture, classes, freeze_backbone, repeats, queue))
                for rank in range(2)]
     for worker in workers:
         worker.start()
-    seconds = queue.get(timeout=300)
+    result = queue.get(timeout=600)
     for worker in workers:
         worker.join()
-    return seconds
-
-
-def trainable_parameters(architecture: str, classes: int, freeze_backbone: bool) -> int:
-    network = build_network(architecture, "original", classes)
-    parts = [network.fc] if freeze_backbone else [network.layer4, network.fc]
-    return sum(p.numel() for part in parts for p in part.parameters())
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--architecture", default="resnet50")
     parser.add_argument("--classes", type=int, default=5)
-    parser.add_argument("--train-per-class", type=int, default=48)
+    parser.add_argument("--train-per-class", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="one-host and two-host runs, alternating")
+    parser.add_argument("--communication-only", action="store_true", help="skip the training runs")
     parser.add_argument("--comm-classes", type=int, default=133,
                         help="classes of the head whose all-reduce is measured (133: dogImages)")
     args = parser.parse_args()
@@ -138,38 +162,43 @@ def main() -> None:
     hyperparameters = {"architecture": json.dumps(args.architecture), "pretrained": "false",
                        "epochs": str(args.epochs), "batch_size": str(args.batch_size), "workers": "auto",
                        "progress_interval": "1000"}
+    one_times, two_times = [], []
+    total = args.classes * args.train_per_class
     with tempfile.TemporaryDirectory(prefix="kennel-bench-dist-") as tmp:
         root = Path(tmp)
         dataset = generate(root / "data", classes=args.classes,
                            counts={"train": args.train_per_class, "valid": 2, "test": 2})
-        total = args.classes * args.train_per_class
         print(f"machine: {len(cpus)} CPUs ({platform_cpu()}), torch {torch.__version__}; "
               f"{args.architecture} frozen backbone, batch {args.batch_size}, {total} training images, "
-              f"epoch {args.epochs} of {args.epochs} timed", flush=True)
-        one = run_job(root / "one", dataset, ["bench-host-a"], [set(cpus)], hyperparameters)
-        two = run_job(root / "two", dataset, ["bench-host-a", "bench-host-b"], halves, hyperparameters)
-
-    one_seconds = one["bench-host-a"]["seconds"]
-    two_seconds = max(result["seconds"] for result in two.values())
-    print(f"one host  ({len(cpus)} CPUs):       epoch {one_seconds:6.1f} s, "
-          f"{one['bench-host-a']['images'] / one_seconds:5.1f} images/s")
-    print(f"two hosts ({len(halves[0])} CPU{'s' if len(halves[0]) > 1 else ''} each):  epoch {two_seconds:6.1f} s, "
-          f"{total / two_seconds:5.1f} images/s; per rank images "
-          + ", ".join(str(result["images"]) for result in two.values()))
-    print(f"two hosts / one host epoch time: {two_seconds / one_seconds:.2f}")
+              f"epoch {args.epochs} of {args.epochs} timed; runs alternate, {args.repeats} of each", flush=True)
+        # Alternating runs: a shared machine's load drifts, and both sides see the same drift.
+        for repeat in range(0 if args.communication_only else args.repeats):
+            one = run_job(root / f"one-{repeat}", dataset, ["bench-host-a"], [set(cpus)], hyperparameters)
+            one_times.append(one["bench-host-a"]["seconds"])
+            print(f"one host  ({len(cpus)} CPUs):      epoch {one_times[-1]:6.1f} s, "
+                  f"{total / one_times[-1]:5.1f} images/s  (load average {os.getloadavg()[0]:.1f})", flush=True)
+            two = run_job(root / f"two-{repeat}", dataset, ["bench-host-a", "bench-host-b"], halves, hyperparameters)
+            two_times.append(max(result["seconds"] for result in two.values()))
+            print(f"two hosts ({len(halves[0])} CPU{'s' if len(halves[0]) > 1 else ''} each): epoch "
+                  f"{two_times[-1]:6.1f} s, {total / two_times[-1]:5.1f} images/s; images per rank "
+                  + ", ".join(str(result["images"]) for result in two.values())
+                  + f"  (load average {os.getloadavg()[0]:.1f})", flush=True)
+    ratios = [b / a for a, b in zip(one_times, two_times)]
+    if ratios:
+        print(f"two hosts / one host epoch time: {statistics.median(ratios):.2f} (median; each pair: "
+              + ", ".join(f"{r:.2f}" for r in ratios) + ")")
 
     steps = -(-total // 2 // args.batch_size)
     print(f"communication per step of {args.architecture} with {args.comm_classes} classes, 2 ranks:")
     for frozen in (True, False):
-        numel = trainable_parameters(args.architecture, args.comm_classes, frozen)
-        payload = numel * 4
+        buckets, seconds = communication(args.architecture, args.comm_classes, frozen)
+        payload = sum(buckets)
         ring = 2 * (2 - 1) / 2 * payload
-        seconds = all_reduce_seconds(numel)
         what = "head only (freeze_backbone=true)" if frozen else "layer4 + head (freeze_backbone=false)"
-        print(f"  {what}: {numel:,} gradients = {payload / 2**20:.2f} MiB fp32; "
-              f"a rank of 2 sends {ring / 2**20:.2f} MiB; gloo on the loopback {seconds * 1000:.1f} ms; "
-              f"x {steps} steps of this run's epoch = {steps * seconds:.2f} s")
-
+        print(f"  {what}: DDP buckets " + " + ".join(f"{size:,}" for size in buckets)
+              + f" = {payload / 2**20:.2f} MiB of fp32 gradients; a rank of 2 sends {ring / 2**20:.2f} MiB; "
+              f"gloo on the loopback {seconds * 1000:.1f} ms; x {steps} steps of this run's epoch = "
+              f"{steps * seconds:.2f} s")
 
 def platform_cpu() -> str:
     try:
