@@ -220,11 +220,11 @@ def free_port() -> int:
 class ServedImage:
     """`docker run -d IMAGE serve` with the model mounted read-only, published on 127.0.0.1."""
 
-    def __init__(self, image: str, model_dir: Path, env: dict[str, str]):
+    def __init__(self, image: str, model_dir: Path, env: dict[str, str], cgroup_parent: str | None = None):
         self.name = f"kennel-bench-{uuid.uuid4().hex[:8]}"
         self.port = free_port()
         args = ["docker", "run", "-d", "--rm", "--name", self.name, "-p", f"127.0.0.1:{self.port}:8080",
-                "-v", f"{model_dir}:/opt/ml/model:ro"]
+                "-v", f"{model_dir}:/opt/ml/model:ro"] + (["--cgroup-parent", cgroup_parent] if cgroup_parent else [])
         for key, value in env.items():
             args += ["-e", f"{key}={value}"]
         self.started = time.monotonic()
@@ -274,15 +274,23 @@ def first_answer(server, payload: bytes, timeout_s: float = 300) -> float:
     raise RuntimeError(f"no answer within {timeout_s} s")
 
 
-def prioritize(pid: int) -> None:
-    """nice -19 for the autogroup (the session) of pid: Linux applies nice within an autogroup only."""
-    Path(f"/proc/{pid}/autogroup").write_text("-19")
+NICE_MINUS_19_WEIGHT = 71755  # the kernel's CFS weight of nice -19
+PRIORITY_CGROUP = Path("/sys/fs/cgroup/cpu/kennel-bench")
 
 
-def container_pid(name: str) -> int:
-    result = subprocess.run(["docker", "inspect", "--format", "{{.State.Pid}}", name], capture_output=True,
-                            text=True, check=True, timeout=60)
-    return int(result.stdout.strip())
+def prioritize_self() -> None:
+    """nice -19 for this process's autogroup (its session): Linux applies nice within an autogroup only."""
+    Path("/proc/self/autogroup").write_text("-19")
+
+
+def priority_cgroup() -> str:
+    """A cgroup (v1 cpu controller) of the same weight, as the parent of the served containers: every
+    container shares the one `docker` cgroup, weighted like a single process, however many run."""
+    if not PRIORITY_CGROUP.parent.joinpath("cpu.shares").exists():
+        raise SystemExit("--priority with --server docker needs the cgroup v1 cpu controller; use --server host")
+    PRIORITY_CGROUP.mkdir(exist_ok=True)
+    (PRIORITY_CGROUP / "cpu.shares").write_text(str(NICE_MINUS_19_WEIGHT))
+    return "/" + PRIORITY_CGROUP.name
 
 
 def build_plugin(directory: Path) -> Path:
@@ -348,14 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", choices=("docker", "host"), default="docker",
                         help="serve with the image (docker run) or this checkout's launcher on the host")
     parser.add_argument("--priority", action="store_true",
-                        help="run the benchmark and the served processes at scheduler priority nice -19 (their "
-                             "autogroups), to approximate an unshared machine on a busy one")
+                        help="give the benchmark and the served processes the CPU weight of nice -19 (this "
+                             "session's autogroup; the containers' cgroup), to approximate an unshared machine "
+                             "on a busy one")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    cgroup_parent = None
     if args.priority:
-        prioritize(os.getpid())
+        prioritize_self()
+        cgroup_parent = priority_cgroup() if args.server == "docker" else None
     from kennel_load.payloads import dog_photos
     from kennel_serve.cpus import available_cpus
 
@@ -378,10 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         def start(env: dict[str, str]):
             if args.server == "host":
                 return ServedOnHost(model_dir, env, plugins)  # same session: shares our autogroup
-            served = ServedImage(args.image, model_dir, env)
-            if args.priority:
-                prioritize(container_pid(served.name))
-            return served
+            return ServedImage(args.image, model_dir, env, cgroup_parent)
 
         configs = {"1t", *(engine_config(w, t) for w, t in parse_layouts(args.layouts))}
         pipelines = {config: onnx_pipeline(model_dir, config) for config in sorted(configs)}
@@ -449,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         if original_served:
             layout["speedup_vs_original_served"] = results["original_served_p50_s"] / layout["served_p50_s"]
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if cgroup_parent:
+        PRIORITY_CGROUP.rmdir()  # empty again: the containers (--rm) are gone
     report(results, cpus)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -461,7 +471,7 @@ def report(results: dict, cpus: int) -> None:
     print(f"\nmachine: {m['cpu']}, {cpus} CPUs, {m['memory_gib']} GiB, docker {m['docker']}, "
           f"load average {m['load_average_at_start']} -> {m['load_average_at_end']}")
     print(f"model: {results['model']}; payload: 500x375 JPEG, {results['payload_bytes'] / 1000:.0f} kB; "
-          f"served by {results['server']}" + (", autogroups at nice -19" if results["priority"] else ""))
+          f"served by {results['server']}" + (", CPU weight of nice -19" if results["priority"] else ""))
     print("in-process decode+preprocess+forward (ONNX Runtime, by engine threads): " +
           ", ".join(f"{config} {ms(v)}" for config, v in sorted(results["inproc_p50_s"].items())))
     print(f"original's way (PyTorch eager, default threads): {ms(results['original_eager_p50_s'])} in process"
