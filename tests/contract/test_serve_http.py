@@ -134,11 +134,12 @@ def test_ping_execution_parameters_and_no_management_api(server):
     assert http(f"{server.url}/ping").status == 200
 
 
+@pytest.mark.parametrize("path", ["/ping", "/execution-parameters"])
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
-def test_ping_with_another_method_is_405_with_a_reason(server, method):
-    reply = http(f"{server.url}/ping", method=method)
+def test_plugin_endpoints_with_another_method_are_405_with_a_reason(server, path, method):
+    reply = http(f"{server.url}{path}", method=method)
     assert reply.status == 405 and reply.headers["allow"] == "GET"
-    assert reply.json() == {"error": "/ping accepts GET only"}
+    assert reply.json() == {"error": f"{path} accepts GET only"}
 
 
 @pytest.mark.parametrize("content_type, body", [

@@ -38,4 +38,19 @@ public class ExecutionParametersEndpoint extends ModelServerEndpoint {
             out.write(body.getBytes(StandardCharsets.UTF_8));
         }
     }
+
+    @Override
+    public void doPost(Request req, Response rsp, Context ctx) throws IOException {
+        PingEndpoint.methodNotAllowed(rsp, "/execution-parameters");
+    }
+
+    @Override
+    public void doPut(Request req, Response rsp, Context ctx) throws IOException {
+        PingEndpoint.methodNotAllowed(rsp, "/execution-parameters");
+    }
+
+    @Override
+    public void doDelete(Request req, Response rsp, Context ctx) throws IOException {
+        PingEndpoint.methodNotAllowed(rsp, "/execution-parameters");
+    }
 }

@@ -53,25 +53,25 @@ public class PingEndpoint extends ModelServerEndpoint {
     // a client's wrong method is its mistake, so answer 405 with a JSON reason.
     @Override
     public void doPost(Request req, Response rsp, Context ctx) throws IOException {
-        methodNotAllowed(rsp);
+        methodNotAllowed(rsp, "/ping");
     }
 
     @Override
     public void doPut(Request req, Response rsp, Context ctx) throws IOException {
-        methodNotAllowed(rsp);
+        methodNotAllowed(rsp, "/ping");
     }
 
     @Override
     public void doDelete(Request req, Response rsp, Context ctx) throws IOException {
-        methodNotAllowed(rsp);
+        methodNotAllowed(rsp, "/ping");
     }
 
-    static void methodNotAllowed(Response rsp) throws IOException {
+    static void methodNotAllowed(Response rsp, String path) throws IOException {
         rsp.setStatus(405, "Method Not Allowed");
         rsp.setHeader("Allow", "GET");
         rsp.setContentType("application/json");
         try (OutputStream out = rsp.getOutputStream()) {
-            out.write("{\"error\": \"/ping accepts GET only\"}\n".getBytes(StandardCharsets.UTF_8));
+            out.write(("{\"error\": \"" + path + " accepts GET only\"}\n").getBytes(StandardCharsets.UTF_8));
         }
     }
 
