@@ -48,10 +48,10 @@ def worker_layout(cpus: int, workers: int | None = None, threads: int | None = N
 
     Default, chosen by measurement (docs/benchmarks.md, Serving): workers of two
     engine threads each, one worker per two CPUs (1 x 2 on the 2-CPU CI host, 2 x 2
-    on 4, 1 x 1 on 1). On 2 CPUs with ResNet-50 that halved a lone request's time
-    against 2 x 1 (75 ms against 142 ms served, p50) for about 16 % less throughput at
-    saturation, and beat 2 x 2 (oversubscribed) on both. Either number may be set;
-    the other is derived so that workers x threads = cpus.
+    on 4, 1 x 1 on 1). On 2 CPUs with ResNet-50, 1 x 2 served a lone request in
+    90 ms (p50) against 134 ms for 2 x 1, for 10 to 25 % less throughput at
+    saturation; the oversubscribed 2 x 2 was slower per request than 1 x 2. Either
+    number may be set; the other is derived so that workers x threads = cpus.
     """
     if workers is None and threads is None:
         workers = max(1, cpus // 2)
