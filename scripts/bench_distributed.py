@@ -57,7 +57,7 @@ def run_job(root: Path, dataset: Path, hosts: list[str], cores: list[set[int]], 
     """Start one `train` per host, wait for all; return each host's last-epoch numbers."""
     port = free_port()
     processes = {}
-    for host, host_cores in zip(hosts, cores):
+    for host, host_cores in zip(hosts, cores, strict=True):
         base = root / host
         config = base / "input" / "config"
         config.mkdir(parents=True)
@@ -183,7 +183,7 @@ def main() -> None:
                   f"{two_times[-1]:6.1f} s, {total / two_times[-1]:5.1f} images/s; images per rank "
                   + ", ".join(str(result["images"]) for result in two.values())
                   + f"  (load average {os.getloadavg()[0]:.1f})", flush=True)
-    ratios = [b / a for a, b in zip(one_times, two_times)]
+    ratios = [b / a for a, b in zip(one_times, two_times, strict=True)]
     if ratios:
         print(f"two hosts / one host epoch time: {statistics.median(ratios):.2f} (median; each pair: "
               + ", ".join(f"{r:.2f}" for r in ratios) + ")")

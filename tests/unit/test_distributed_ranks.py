@@ -96,7 +96,7 @@ def toy_host(host: str, port: int, out: str, scenario: str, overrides: dict) -> 
         reason = group.describe(error) or f"unexpected: {error}"
         (out_dir / "failure").write_text(reason)
         (out_dir / "failed-at").write_text(str(time.time()))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     group.close()
     (out_dir / "record.json").write_text(json.dumps(record))
 

@@ -336,7 +336,7 @@ class Watchdog(threading.Thread):
                                   f"{_short(error)}; it stopped, froze or lost its network, see its log")
                 return
             now = time.monotonic()
-            for rank, value in zip(peers, values):
+            for rank, value in zip(peers, values, strict=True):
                 if value == _FINISHED.encode():
                     last_change[rank] = float("inf")
                 elif value != last_value.get(rank):
