@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,3 +114,12 @@ def test_a_terminal_gets_a_bar_that_log_lines_never_mix_with():
     assert text[:line_start].endswith("\r\x1b[K")  # cleared right before the line
     assert re.search(r"\r\x1b\[Kprogress valid epoch=1/1 done images=16 [^\r]*\n$", text)  # no bar left behind
     assert logging.getLogger("kennel_train").propagate is False
+
+
+def test_importing_the_training_package_turns_onnx_runtime_telemetry_off():
+    env = {key: value for key, value in os.environ.items() if key != "ORT_DISABLE_TELEMETRY"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    script = "import os, kennel_train.model, onnxruntime; print(os.environ.get('ORT_DISABLE_TELEMETRY'))"
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"

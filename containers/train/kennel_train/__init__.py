@@ -13,3 +13,9 @@ reports (output/data, TensorBoard); main ties them together, failure turns
 errors into the one-line reason, device picks CPU/GPU and precision,
 distributed runs several hosts as one job.
 """
+import os
+
+# ONNX Runtime (the frozen backbone on CPU, the export check) reports usage to an
+# outside collector unless this is set before it is imported: a training job talks
+# to S3 and its peers, nobody else. Set here, before any module imports it.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
