@@ -41,14 +41,21 @@ build-ca: ## copy EXTRA_CA_BUNDLE into the build context (empty file when unset)
 	  || cp "$(EXTRA_CA_BUNDLE)" containers/build-ca/extra-ca.crt; \
 	else : > containers/build-ca/extra-ca.crt; fi
 
+# A rebuild moves the tag and leaves the previous image untagged: several GB each
+# time for the training image. Remove those (and only those) after each build.
+prune-superseded = @docker image prune --force --filter dangling=true \
+	  --filter label=org.opencontainers.image.title=$(1) | sed -n 's/^Total reclaimed space: /pruned superseded $(1) images: /p'
+
 images: image-train image-serve ## build both images
 
 image-train: build-ca ## build kennel-train (TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu: slim CPU-only)
 	docker build -f containers/train/Dockerfile -t $(TRAIN_IMAGE) \
 	  $(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)) .
+	$(call prune-superseded,kennel-train)
 
 image-serve: build-ca ## build kennel-serve
 	docker build -f containers/serve/Dockerfile -t $(SERVE_IMAGE) .
+	$(call prune-superseded,kennel-serve)
 
 serve: image-serve ## serve ./model on 127.0.0.1:8080 with docker compose (KENNEL_MODEL_DIR=dir: another model)
 	$(if $(KENNEL_MODEL_DIR),KENNEL_MODEL_DIR=$(abspath $(KENNEL_MODEL_DIR))) KENNEL_SERVE_IMAGE=$(SERVE_IMAGE) \
