@@ -199,3 +199,19 @@ def test_loader_workers_decode_off_the_main_process(generated_dataset):
         sampler.set_epoch(epoch)
         seen.append(sorted(int(i) for batch in loader for i in batch.indices))
     assert seen[0] == seen[1] == list(range(len(index.samples)))
+
+
+def test_each_rank_seed_gives_its_own_augmentation_and_the_same_seed_the_same(generated_dataset):
+    index = data.index_split("train", generated_dataset / "train")
+    dataset = data.ImageFiles(index.samples, data.TrainTransform(IMAGENET_EVAL))
+
+    def first_batch(seed):
+        torch.manual_seed(0)  # every rank seeds the global generator alike
+        sampler = data.ResumableSampler(dataset, shuffle=False, seed=0)
+        loader = data.make_loader(dataset, sampler, batch_size=4, workers=1, pin_memory=False, persistent=False,
+                                  seed=seed)
+        return next(iter(loader)).images
+
+    rank0, rank0_again, rank1 = first_batch((0, 0, 1)), first_batch((0, 0, 1)), first_batch((0, 1, 1))
+    assert torch.equal(rank0, rank0_again)
+    assert not torch.allclose(rank0, rank1)

@@ -240,9 +240,17 @@ class ResumableSampler(DistributedSampler):
 
 
 def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, workers: int, pin_memory: bool,
-                persistent: bool) -> DataLoader:
-    """Decoding runs in ``workers`` processes, batches prefetched; pinned memory for fast copies to a GPU."""
+                persistent: bool, seed: Sequence[int] | None = None) -> DataLoader:
+    """Decoding runs in ``workers`` processes, batches prefetched; pinned memory for fast copies to a GPU.
+
+    ``seed`` (e.g. (seed, rank, epoch)) seeds the workers' random augmentation; without it
+    they derive it from torch's global generator, which every rank seeded alike, so the
+    k-th image of each rank's shard would get the same crop and flip.
+    """
+    generator = None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=persistent and workers > 0,
-                      prefetch_factor=4 if workers > 0 else None, drop_last=False,
+                      prefetch_factor=4 if workers > 0 else None, drop_last=False, generator=generator,
                       worker_init_fn=reset_in_worker if workers > 0 else None)

@@ -245,7 +245,8 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
     train_set = data.ImageFiles(train_index.samples, data.TrainTransform(preprocessing))
     train_sampler = data.ResumableSampler(train_set, shuffle=True, seed=hp.seed, rank=group.rank,
                                           world_size=group.world_size)
-    train_loader = data.make_loader(train_set, train_sampler, hp.batch_size, workers, pin, persistent=True)
+    train_loader = data.make_loader(train_set, train_sampler, hp.batch_size, workers, pin, persistent=True,
+                                    seed=(hp.seed, group.rank, start_epoch))  # each rank its own augmentation
     eval_sets = {name: data.ImageFiles(indexes[name].samples, data.EvalTransform(preprocessing))
                  for name in ("valid", "test")}
 
