@@ -1,6 +1,6 @@
 """Serving benchmark: the serving image against its in-process engine and the original's way.
 
-    python scripts/bench_serve.py                      # ResNet-50, 133 classes, layouts 1x2 and 2x1
+    python scripts/bench_serve.py                      # ResNet-50, 133 classes, layouts 2x1/2, 1x2, 2x1
     python scripts/bench_serve.py --layouts 1x2,2x1,1x1 --rounds 5 --json bench.json
 
 Everything is measured side by side in one run on this machine (shared hosts are
@@ -14,8 +14,9 @@ converted like an original model: Resize((224, 224)), no normalisation) and
 - the original's way: PyTorch eager on the same weights, torchvision transforms,
   torch's default threads (what the managed PyTorch container's model_fn did): in
   process, and (--server host) as a code/inference.py served by the same stack.
-- served: `docker run IMAGE serve` (SAGEMAKER_MODEL_SERVER_WORKERS x KENNEL_ORT_THREADS
-  per layout), POST /invocations over 127.0.0.1 with a keep-alive connection:
+- served: `docker run IMAGE serve` (layout WxT/S: SAGEMAKER_MODEL_SERVER_WORKERS=W,
+  KENNEL_ORT_THREADS=T, KENNEL_ORT_SOLO_THREADS=S, the threads of a request that
+  runs while the other workers idle; WxT alone means S=T), POST /invocations over 127.0.0.1 with a keep-alive connection:
   p50 of sequential requests, and the best throughput of closed-loop runs at
   1, 2 and 4 requests per worker in flight (saturation).
 - cold start: `docker run` to the first 200 from POST /invocations, default layout.
@@ -119,8 +120,8 @@ def time_calls(call, payloads: list[bytes], count: int) -> float:
     return statistics.median(times)
 
 
-def engine_config(workers: int, threads: int) -> str:
-    """The ONNX Runtime configuration a worker of this layout runs: its thread count."""
+def engine_config(threads: int) -> str:
+    """The ONNX Runtime configuration a lone request runs on: its thread count."""
     return f"{threads}t"
 
 
@@ -335,12 +336,18 @@ def machine() -> dict:
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
-def parse_layouts(text: str) -> list[tuple[int, int]]:
+def parse_layouts(text: str) -> list[tuple[int, int, int]]:
+    """"2x1/2,1x2" -> [(workers, threads, solo threads), ...]; without /S the solo threads are T."""
     layouts = []
     for item in text.split(","):
-        workers, _, threads = item.strip().partition("x")
-        layouts.append((int(workers), int(threads)))
+        layout, _, solo = item.strip().partition("/")
+        workers, _, threads = layout.partition("x")
+        layouts.append((int(workers), int(threads), int(solo or threads)))
     return layouts
+
+
+def layout_label(workers: int, threads: int, solo: int) -> str:
+    return f"{workers}x{threads}" + (f"/{solo}" if solo != threads else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default=os.environ.get("KENNEL_SERVE_IMAGE", "kennel-serve:latest"))
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--classes", type=int, default=133)
-    parser.add_argument("--layouts", default="1x2,2x1", help="WORKERSxTHREADS,... to serve with")
+    parser.add_argument("--layouts", default="2x1/2,1x2,2x1",
+                        help="WORKERSxTHREADS[/SOLO_THREADS],... to serve with (2x1/2: the default on 2 CPUs)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating in-process/served rounds per layout")
     parser.add_argument("--requests", type=int, default=60, help="sequential requests per round")
     parser.add_argument("--saturation-s", type=float, default=12.0, help="seconds per saturation step")
@@ -391,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 return ServedOnHost(model_dir, env, plugins)  # same session: shares our autogroup
             return ServedImage(args.image, model_dir, env, cgroup_parent)
 
-        configs = {"1t", *(engine_config(w, t) for w, t in parse_layouts(args.layouts))}
+        configs = {"1t", *(engine_config(solo) for _, _, solo in parse_layouts(args.layouts))}
         pipelines = {config: onnx_pipeline(model_dir, config) for config in sorted(configs)}
         eager = eager_pipeline(model_dir, args.arch, args.classes)
         inproc: dict[str, list[float]] = {config: [] for config in pipelines}
@@ -406,16 +414,18 @@ def main(argv: list[str] | None = None) -> int:
             sequential_p50(original_server.url, payloads, 10)  # warm
         original_served: list[float] = []
 
-        for workers, threads in parse_layouts(args.layouts):
-            label = f"{workers}x{threads}"
-            print(f"== layout {label}: {workers} worker(s) x {threads} engine thread(s)", flush=True)
-            server = start({"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers), "KENNEL_ORT_THREADS": str(threads)})
+        for workers, threads, solo in parse_layouts(args.layouts):
+            label = layout_label(workers, threads, solo)
+            print(f"== layout {label}: {workers} worker(s) x {threads} engine thread(s), {solo} for a request "
+                  "alone", flush=True)
+            server = start({"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers), "KENNEL_ORT_THREADS": str(threads),
+                            "KENNEL_ORT_SOLO_THREADS": str(solo)})
             try:
                 first_answer(server, payloads[0])
                 sequential_p50(server.url, payloads, 10)  # warm
                 served = []
                 for _ in range(args.rounds):
-                    config = engine_config(workers, threads)
+                    config = engine_config(solo)
                     inproc[config].append(time_calls(pipelines[config], payloads, args.requests))
                     if config != "1t":
                         inproc["1t"].append(time_calls(pipelines["1t"], payloads, args.requests))
@@ -426,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps = saturation(server.url, payloads, workers, args.saturation_s)
             finally:
                 server.stop()
-            results["layouts"][label] = {"workers": workers, "threads": threads,
+            results["layouts"][label] = {"workers": workers, "threads": threads, "solo_threads": solo,
                                          "served_p50_s": statistics.median(served), "served_p50_rounds_s": served,
                                          "saturation": steps}
 
@@ -449,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         results["original_served_p50_s"] = statistics.median(original_served)
     for label, layout in results["layouts"].items():
         best = max(step["throughput"] for step in layout["saturation"].values())
-        layout["engine"] = engine_config(layout["workers"], layout["threads"])
+        layout["engine"] = engine_config(layout["solo_threads"])
         layout["latency_ratio"] = layout["served_p50_s"] / results["inproc_p50_s"][layout["engine"]]
         layout["throughput_per_s"] = best
         layout["throughput_ratio"] = best / (cpus / single)

@@ -43,7 +43,7 @@ def test_mms_environment(monkeypatch):
     env = launcher.mms_environment(settings(SAGEMAKER_MODEL_SERVER_WORKERS="1", KENNEL_ORT_THREADS="2"),
                                    [Path("/opt/ml/model/code"), Path("/tmp/ks-unit/packages")])
     assert env["PYTHONPATH"] == "/opt/ml/model/code:/tmp/ks-unit/packages:/opt/kennel/lib"
-    assert (env["SAGEMAKER_MODEL_SERVER_WORKERS"], env["KENNEL_ORT_THREADS"]) == ("1", "2")
+    assert (env["SAGEMAKER_MODEL_SERVER_WORKERS"], env["KENNEL_ORT_THREADS"], env["KENNEL_ORT_SOLO_THREADS"]) == ("1", "2", "2")
     # MMS's pid file and sockets go to the state dir, which every start resets.
     assert env["TMPDIR"] == env["TEMP"] == "/tmp/ks-unit/tmp"
     assert env["KENNEL_SERVE_STATE_DIR"] == "/tmp/ks-unit"

@@ -18,7 +18,8 @@ def test_defaults_follow_the_sagemaker_contract(two_cpus):
     assert str(settings.model_dir) == "/opt/ml/model"
     assert settings.port == 8080
     assert settings.max_payload_bytes == 6 * MIB
-    assert (settings.workers, settings.ort_threads) == (1, 2)
+    # One single-threaded worker per CPU; a request alone runs on both CPUs.
+    assert (settings.workers, settings.ort_threads, settings.solo_threads) == (2, 1, 2)
     assert settings.model_server_timeout_s == 60
     assert settings.url.enabled and not settings.url.allowed_networks
 
@@ -55,7 +56,7 @@ def test_batch_transform_settings_and_execution_parameters(two_cpus):
         "MaxConcurrentTransforms": 1, "BatchStrategy": "SINGLE_RECORD", "MaxPayloadInMB": 50}
     # Without a given concurrency, the answer is what the server can do at once: one request per worker.
     assert json.loads(ServeSettings.from_env({})
-                      .execution_parameters())["MaxConcurrentTransforms"] == 1
+                      .execution_parameters())["MaxConcurrentTransforms"] == 2
 
 
 def test_allowlist_takes_addresses_networks_and_host_names(two_cpus):
@@ -76,6 +77,7 @@ def test_allowlist_takes_addresses_networks_and_host_names(two_cpus):
     ({"KENNEL_DRAIN_TIMEOUT_S": "60"}, "KENNEL_DRAIN_TIMEOUT_S=60.0 must be between 0 and 25"),
     ({"KENNEL_URL_ALLOWLIST": "http://x/"}, "KENNEL_URL_ALLOWLIST entry 'http://x/'"),
     ({"SAGEMAKER_MULTI_MODEL": "true"}, "multi-model endpoints are not supported"),
+    ({"KENNEL_ORT_SOLO_THREADS": "0"}, "KENNEL_ORT_SOLO_THREADS=0 must be"),
 ])
 def test_bad_values_name_the_variable(two_cpus, env, message):
     with pytest.raises(SettingsError) as error:
@@ -108,7 +110,14 @@ def test_cpus_from_cgroup_v1_quota_and_cpuset(tmp_path, monkeypatch):
 
 
 def test_worker_layout_fills_the_cpus_without_oversubscribing():
-    assert [cpus.worker_layout(n) for n in (1, 2, 3, 4, 8)] == [(1, 1), (1, 2), (1, 3), (2, 2), (4, 2)]
+    assert [cpus.worker_layout(n) for n in (1, 2, 3, 4, 8)] == [(1, 1), (2, 1), (3, 1), (4, 1), (8, 1)]
     assert cpus.worker_layout(4, workers=2) == (2, 2)
     assert cpus.worker_layout(4, threads=4) == (1, 4)
     assert cpus.worker_layout(2, workers=3) == (3, 1)
+
+
+def test_solo_threads_default_to_every_cpu_unless_the_engine_threads_are_set():
+    assert [cpus.solo_threads(n, 1, threads_set=False) for n in (1, 2, 4)] == [1, 2, 4]
+    assert cpus.solo_threads(4, 2, threads_set=True) == 2  # KENNEL_ORT_THREADS fixes the configuration
+    assert cpus.solo_threads(4, 1, threads_set=True, solo=3) == 3
+    assert cpus.solo_threads(4, 2, threads_set=False, solo=1) == 2  # never fewer than the engine threads

@@ -46,18 +46,29 @@ def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
 def worker_layout(cpus: int, workers: int | None = None, threads: int | None = None) -> tuple[int, int]:
     """(workers, engine threads per worker).
 
-    Default, chosen by measurement (docs/benchmarks.md, Serving): workers of two
-    engine threads each, one worker per two CPUs (1 x 2 on the 2-CPU CI host, 2 x 2
-    on 4, 1 x 1 on 1). On 2 CPUs with ResNet-50, 1 x 2 served a lone request in
-    90 ms (p50) against 134 ms for 2 x 1, for 10 to 25 % less throughput at
-    saturation; the oversubscribed 2 x 2 was slower per request than 1 x 2. Either
-    number may be set; the other is derived so that workers x threads = cpus.
+    Default: one single-threaded worker per CPU, the layout with the most requests
+    per second (2 x 1 reached 0.90 to 0.94 of CPUs / single-thread time on 2 CPUs,
+    docs/benchmarks.md, Serving). A request that finds every other worker idle runs
+    on all the CPUs instead (``solo_threads``), so a lone request is as fast as with
+    one worker of 2 threads. Either number may be set; the other is derived so that
+    workers x threads = cpus.
     """
     if workers is None and threads is None:
-        workers = max(1, cpus // 2)
-        return workers, max(1, cpus // workers)
+        return cpus, 1
     if workers is None:
         return max(1, cpus // threads), threads
     if threads is None:
         return workers, max(1, cpus // workers)
     return workers, threads
+
+
+def solo_threads(cpus: int, threads: int, threads_set: bool, solo: int | None = None) -> int:
+    """Engine threads for a request that runs while every other worker is idle.
+
+    ``solo`` when given (KENNEL_ORT_SOLO_THREADS); else all the CPUs, unless the
+    engine threads were set explicitly (KENNEL_ORT_THREADS), which fixes them.
+    Never fewer than ``threads``: equal means one engine configuration only.
+    """
+    if solo is None:
+        solo = threads if threads_set else cpus
+    return max(threads, solo)

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 # ONNX Runtime 1.32 reports usage to Microsoft's event collector from every process
 # (a DNS lookup at the first session, an HTTPS upload later) unless this is set before
@@ -52,26 +52,41 @@ def providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-class KennelModel:
-    """What model_fn returns: predict(images) -> logits [N, num_classes] in class order."""
+def _open(onnx_path: Path, threads: int) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(onnx_path), session_options(threads), providers=providers())
+    except Exception as exc:  # ORT raises its own exception types for every way a file can be bad
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"{onnx_path} cannot be loaded by ONNX Runtime: {reason}") from None
 
-    def __init__(self, manifest: Manifest, session: ort.InferenceSession, model_dir: Path):
+
+class KennelModel:
+    """What model_fn returns: predict(images) -> logits [N, num_classes] in class order.
+
+    ``session`` runs a request while other workers are busy too; ``solo_session``
+    (more threads) runs it when ``others_busy()`` says every other worker is idle,
+    so a lone request gets all the CPUs and a full server one CPU per worker.
+    """
+
+    def __init__(self, manifest: Manifest, session: ort.InferenceSession, model_dir: Path,
+                 solo_session: ort.InferenceSession | None = None,
+                 others_busy: Callable[[], bool] | None = None):
         self.manifest = manifest
         self.session = session
+        self.solo_session = solo_session
+        self.others_busy = others_busy or (lambda: False)
         self.model_dir = model_dir
         self._check_signature()
 
     @classmethod
-    def load(cls, model_dir: str | Path, threads: int = 1) -> "KennelModel":
+    def load(cls, model_dir: str | Path, threads: int = 1, solo_threads: int | None = None,
+             others_busy: Callable[[], bool] | None = None) -> "KennelModel":
         model_dir = Path(model_dir)
         manifest = kennel_artifact.load(model_dir)
         onnx_path = model_dir / kennel_artifact.ONNX_FILE
-        try:
-            session = ort.InferenceSession(str(onnx_path), session_options(threads), providers=providers())
-        except Exception as exc:  # ORT raises its own exception types for every way a file can be bad
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(f"{onnx_path} cannot be loaded by ONNX Runtime: {reason}") from None
-        return cls(manifest, session, model_dir)
+        session = _open(onnx_path, threads)
+        solo = _open(onnx_path, solo_threads) if solo_threads and solo_threads > threads else None
+        return cls(manifest, session, model_dir, solo, others_busy)
 
     @property
     def class_names(self) -> list[str]:
@@ -100,8 +115,13 @@ class KennelModel:
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, 3, H, W] -> logits float32 [N, num_classes]."""
-        (logits,) = self.session.run([kennel_artifact.ONNX_OUTPUT],
-                                     {kennel_artifact.ONNX_INPUT: np.ascontiguousarray(batch, dtype=np.float32)})
+        session = self.solo_session if self.solo_session is not None and not self.others_busy() else self.session
+        return self._run(session, batch)
+
+    @staticmethod
+    def _run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+        (logits,) = session.run([kennel_artifact.ONNX_OUTPUT],
+                                {kennel_artifact.ONNX_INPUT: np.ascontiguousarray(batch, dtype=np.float32)})
         return logits
 
     def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -116,7 +136,12 @@ class KennelModel:
         height, width = self.manifest.preprocessing.input_size
         start = time.perf_counter()
         image = Image.new("RGB", (width, height), (124, 116, 104))
-        logits = self.predict([image])
+        batch = self.preprocess([image])
+        logits = self._run(self.session, batch)
+        if self.solo_session is not None:  # its first run allocates too
+            solo = self._run(self.solo_session, batch)
+            if not np.allclose(solo, logits, rtol=1e-3, atol=1e-4):
+                raise ArtifactError("the model gives different scores with different engine thread counts")
         seconds = time.perf_counter() - start
         if logits.shape != (1, self.manifest.num_classes):
             raise ArtifactError(f"warm-up inference gave scores of shape {list(logits.shape)}, expected "

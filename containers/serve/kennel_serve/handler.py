@@ -15,6 +15,7 @@ from PIL import Image
 from sagemaker_inference.default_inference_handler import DefaultInferenceHandler
 
 from kennel_serve import inputs, outputs
+from kennel_serve.activity import busy_workers
 from kennel_serve.engine import KennelModel
 from kennel_serve.settings import ServeSettings
 from kennel_serve.url_fetch import UrlFetcher
@@ -36,7 +37,10 @@ class KennelInferenceHandler(DefaultInferenceHandler):
         self.fetcher = UrlFetcher(settings.url)
 
     def default_model_fn(self, model_dir: str, context: Any = None) -> KennelModel:
-        return KennelModel.load(model_dir, threads=self.settings.ort_threads)
+        state_dir = self.settings.state_dir
+        return KennelModel.load(model_dir, threads=self.settings.ort_threads, solo_threads=self.settings.solo_threads,
+                                # This worker counts itself while it handles the request.
+                                others_busy=lambda: busy_workers(state_dir) > 1)
 
     def default_model_warmup_fn(self, model_dir: str, model: Any, context: Any = None) -> None:
         if isinstance(model, KennelModel):

@@ -148,6 +148,7 @@ def mms_environment(settings: ServeSettings, python_paths: list[Path]) -> dict[s
         # The resolved layout, so every worker builds the same session as the check did.
         "SAGEMAKER_MODEL_SERVER_WORKERS": str(settings.workers),
         "KENNEL_ORT_THREADS": str(settings.ort_threads),
+        "KENNEL_ORT_SOLO_THREADS": str(settings.solo_threads),
         # MMS's pid file, worker sockets and the JVM's temp files: inside the state dir.
         "TMPDIR": tmp,
         "TEMP": tmp,
@@ -236,9 +237,9 @@ def supervise(process: subprocess.Popen, settings: ServeSettings, stop: StopRequ
             return 1
         if not ready and ping(settings):
             ready = True
-            log.warning("ready: http://%s:%d, %d worker(s) x %d engine thread(s), %.1f s after start",
-                        settings.bind_address, settings.port, settings.workers, settings.ort_threads,
-                        time.monotonic() - started)
+            log.warning("ready: http://%s:%d, %d worker(s) x %d engine thread(s) (%d for a request alone), "
+                        "%.1f s after start", settings.bind_address, settings.port, settings.workers,
+                        settings.ort_threads, settings.solo_threads, time.monotonic() - started)
         stop.event.wait(0.25 if ready else 0.1)
 
 

@@ -14,7 +14,7 @@ from typing import Mapping
 
 from kennel_artifact import DEFAULT_MAX_PIXELS
 
-from kennel_serve.cpus import available_cpus, worker_layout
+from kennel_serve.cpus import available_cpus, solo_threads, worker_layout
 
 MIB = 1024 * 1024
 BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
@@ -52,6 +52,7 @@ class ServeSettings:
     cpus: int = 1
     workers: int = 1
     ort_threads: int = 1
+    solo_threads: int = 1  # engine threads for a request that runs while the other workers idle
     model_server_timeout_s: int = 60
     max_payload_bytes: int = 6 * MIB
     max_images: int = 32
@@ -78,7 +79,10 @@ class ServeSettings:
         if workers is None and batch and concurrent is not None:
             # Batch transform sends at most this many requests at once: more workers would idle.
             workers = min(concurrent, cpus)
-        workers, threads = worker_layout(cpus, workers, read.integer("KENNEL_ORT_THREADS", None, low=1))
+        threads_set = read.integer("KENNEL_ORT_THREADS", None, low=1)
+        workers, threads = worker_layout(cpus, workers, threads_set)
+        solo = solo_threads(cpus, threads, threads_set is not None,
+                            read.integer("KENNEL_ORT_SOLO_THREADS", None, low=1, high=256))
         strategy = env.get("SAGEMAKER_BATCH_STRATEGY", "MULTI_RECORD").strip().upper().replace("-", "_")
         if strategy not in BATCH_STRATEGIES:
             raise SettingsError(f"SAGEMAKER_BATCH_STRATEGY={strategy!r} must be one of {', '.join(BATCH_STRATEGIES)}")
@@ -92,6 +96,7 @@ class ServeSettings:
             cpus=cpus,
             workers=workers,
             ort_threads=threads,
+            solo_threads=solo,
             model_server_timeout_s=read.integer("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", None, low=1)
             or read.integer("SAGEMAKER_MODEL_SERVER_TIMEOUT", 60, low=1),
             max_payload_bytes=read.integer("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6, low=1, high=1024) * MIB,
