@@ -13,6 +13,7 @@ network (a redirect server that `serve` is allowed to fetch from).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import os
@@ -25,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -85,10 +87,12 @@ class ServeContainer:
     (read-only root, tmpfs /tmp, no capabilities), plain is `docker run IMAGE serve` as SageMaker does."""
 
     def __init__(self, image: str, model_dir: Path, env: dict[str, str] | None = None, network: str | None = None,
-                 hardened: bool = True):
+                 hardened: bool = True, cpus: set[int] | None = None):
         self.name = f"kennel-resilience-{uuid.uuid4().hex[:8]}"
         args = ["docker", "run", "--detach", "--name", self.name, "--publish", "127.0.0.1::8080",
                 "--volume", f"{model_dir}:/opt/ml/model:ro"]
+        if cpus:
+            args += ["--cpuset-cpus", ",".join(str(cpu) for cpu in sorted(cpus))]
         if hardened:
             args += ["--read-only", "--tmpfs", "/tmp:exec,mode=1777", "--cap-drop", "ALL",
                      "--security-opt", "no-new-privileges:true"]
@@ -313,8 +317,34 @@ class PingMonitor:
 
 # ---------------------------------------------------------------- sustained load
 
-def test_sustained_load_at_80_percent_of_max_rate(server, photos):
+@contextlib.contextmanager
+def separate_cpus(image: str, model_dir: Path) -> Iterator[ServeContainer]:
+    """A serving container on all CPUs but the first, this test's threads on the first.
+
+    On a 2-CPU host the load generator (this process) and the server would otherwise
+    take turns on the same CPUs, and the generator's own scheduling delays would
+    count as the server's latency. With one CPU only, both share it.
+    """
+    mine = os.sched_getaffinity(0)
+    cpus = sorted(mine)
+    server = ServeContainer(image, model_dir, cpus=set(cpus[1:]) if len(cpus) > 1 else None)
+    try:
+        server.wait_healthy()
+        if len(cpus) > 1:
+            os.sched_setaffinity(0, {cpus[0]})  # this thread, and the threads it starts from now on
+        yield server
+    finally:
+        os.sched_setaffinity(0, mine)
+        server.remove()
+
+
+def test_sustained_load_at_80_percent_of_max_rate(serve_image, model_dir, photos):
     """Zero errors, p99 within 3 x p50, memory flat, at 80% of the rate the ramp measured."""
+    with separate_cpus(serve_image, model_dir) as server:
+        sustained_load(server, photos)
+
+
+def sustained_load(server: ServeContainer, photos: list[bytes]) -> None:
     target = Target(server.url)
     warm_up(target, photos, requests=8)
     measured = ramp(lambda c: summarize(run_closed_loop(target, photos, c, BUDGET.ramp_step_s, 5000)),
