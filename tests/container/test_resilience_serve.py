@@ -47,14 +47,17 @@ LONG = os.environ.get("KENNEL_RESILIENCE_LONG", "").strip().lower() in ("1", "tr
 @dataclass(frozen=True)
 class Budget:
     ramp_step_s: float  # each closed-loop step of the quick max-rate ramp
+    confirm_s: float  # the best ramp step's concurrency again, for longer: the max rate is the lower of the two
     sustained_s: float  # open-loop load at 80% of the max rate
     hostile_cases: int
     worker_kills: int
     fault_load_s: float  # load around each worker kill
 
 
-BUDGET = (Budget(ramp_step_s=8, sustained_s=600, hostile_cases=20_000, worker_kills=3, fault_load_s=40) if LONG
-          else Budget(ramp_step_s=4, sustained_s=45, hostile_cases=2_000, worker_kills=1, fault_load_s=25))
+BUDGET = (Budget(ramp_step_s=8, confirm_s=30, sustained_s=600, hostile_cases=20_000, worker_kills=3,
+                 fault_load_s=40) if LONG
+          else Budget(ramp_step_s=5, confirm_s=15, sustained_s=45, hostile_cases=2_000, worker_kills=1,
+                      fault_load_s=25))
 STARTUP_TIMEOUT_S = 240
 TARGET_P99_S = 1.0  # the load test's default latency target, which defines the max rate
 RECOVERY_BOUND_S = 60  # a killed worker must be replaced and serving within this
@@ -352,7 +355,13 @@ def sustained_load(server: ServeContainer, photos: list[bytes]) -> None:
     best = max_sustainable(measured.steps, TARGET_P99_S)
     assert best is not None, f"no ramp step passed: {measured.stopped_because}"
     print("\n" + step_table(measured.steps) + f"\nramp stopped: {measured.stopped_because}")
-    rate = 0.8 * best.throughput
+    # A short step's rate is a noisy sample, and the best of several is biased upwards:
+    # on a 2-vCPU VM one step ran 19.3/s where the server sustains 16 to 18. 80% of that
+    # is a 90% load, whose queue a single stall of the host fills for seconds.
+    confirm = summarize(run_closed_loop(target, photos, best.concurrency, BUDGET.confirm_s, 10_000))
+    max_rate = min(best.throughput, confirm.throughput)
+    print(f"confirmed at {best.concurrency} clients for {BUDGET.confirm_s:.0f} s: {confirm.throughput:.1f}/s")
+    rate = 0.8 * max_rate
 
     began = time.monotonic()
     with ContainerSampler(server.id) as sampler:
@@ -363,7 +372,7 @@ def sustained_load(server: ServeContainer, photos: list[bytes]) -> None:
     assert len(settled) >= BUDGET.sustained_s / 2, f"too few memory samples ({len(settled)}): {sampler.error}"
     memory = trend([s.at - began for s in settled], [s.memory_bytes / 2**20 for s in settled],
                    abs_tolerance=MEMORY_ABS_TOLERANCE_MIB, rel_tolerance=MEMORY_REL_TOLERANCE)
-    print(f"\nmax {best.throughput:.1f}/s at {best.concurrency} clients; sustained {rate:.1f}/s for "
+    print(f"\nmax {max_rate:.1f}/s at {best.concurrency} clients; sustained {rate:.1f}/s for "
           f"{BUDGET.sustained_s:.0f} s: {step.requests} requests, p50 {step.p50 * 1000:.0f} ms, "
           f"p99 {step.p99 * 1000:.0f} ms; memory median {memory.median:.0f} MiB, "
           f"trend {memory.growth:+.1f} MiB over {memory.span_s:.0f} s (tolerance {memory.tolerance:.0f})")
