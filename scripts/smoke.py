@@ -125,11 +125,24 @@ class ComposeProject:
         return ["docker", "compose", "--project-name", self.name, "--project-directory", str(REPO), *files, *args]
 
     def run(self, *args: str, timeout: float = 300) -> str:
-        result = subprocess.run(self.command(*args), env=self.env, capture_output=True, text=True, timeout=timeout)
-        if result.returncode != 0:
-            lines = [line for line in result.stderr.strip().splitlines() if line.strip()] or ["no output"]
+        process = subprocess.Popen(self.command(*args), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM) or too slow: let compose stop by itself rather than
+            # SIGKILL it, or containers it asked the engine for appear after our `down` ran.
+            process.send_signal(signal.SIGINT)
+            try:
+                process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+            raise
+        if process.returncode != 0:
+            lines = [line for line in stderr.strip().splitlines() if line.strip()] or ["no output"]
             raise SmokeFailure(f"docker compose {args[0]}: {lines[-1]}")
-        return result.stdout
+        return stdout
 
     def up(self) -> None:
         self.started = True
@@ -150,10 +163,28 @@ class ComposeProject:
         lines = [line.split("|", 1)[-1].strip() for line in result.stdout.splitlines() if line.strip()]
         return lines[-1] if lines else "no log output"
 
+    def leftovers(self) -> list[str]:
+        """Containers and networks of this project that still exist (docker's own labels)."""
+        label = f"label=com.docker.compose.project={self.name}"
+        found = []
+        for kind in (["ps", "--all"], ["network", "ls"]):
+            result = subprocess.run(["docker", *kind, "--quiet", "--filter", label], capture_output=True, text=True,
+                                    timeout=60)
+            found += result.stdout.split()
+        return found
+
     def down(self) -> None:
-        if self.started:
+        """Remove the project; again while anything of it is left (the engine may still be
+        finishing a create that an interrupted `up` asked for), for 30 s at most."""
+        if not self.started:
+            return
+        deadline = time.monotonic() + 30
+        while True:
             subprocess.run(self.command("down", "--volumes", "--remove-orphans", "--timeout", "10"), env=self.env,
                            capture_output=True, timeout=300)
+            if not self.leftovers() or time.monotonic() > deadline:
+                return
+            time.sleep(1)
 
 
 def wait_for_ping(project: ComposeProject, address: str, timeout_s: float) -> float:
