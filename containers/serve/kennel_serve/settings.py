@@ -79,9 +79,9 @@ class ServeSettings:
         if workers is None and batch and concurrent is not None:
             # Batch transform sends at most this many requests at once: more workers would idle.
             workers = min(concurrent, cpus)
-        threads_set = read.integer("KENNEL_ORT_THREADS", None, low=1)
-        workers, threads = worker_layout(cpus, workers, threads_set)
-        solo = solo_threads(cpus, threads, threads_set is not None,
+        explicit_threads = read.integer("KENNEL_ORT_THREADS", None, low=1)
+        workers, threads = worker_layout(cpus, workers, explicit_threads)
+        solo = solo_threads(cpus, threads, explicit_threads is not None,
                             read.integer("KENNEL_ORT_SOLO_THREADS", None, low=1, high=256))
         strategy = env.get("SAGEMAKER_BATCH_STRATEGY", "MULTI_RECORD").strip().upper().replace("-", "_")
         if strategy not in BATCH_STRATEGIES:
