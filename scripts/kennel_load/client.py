@@ -21,6 +21,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
+import math
 import socket
 import ssl
 import threading
@@ -40,6 +41,7 @@ class Outcome:
     latency: float
     status: int  # 0 when no HTTP answer came back
     error: str | None = None  # None for a success, else a short reason ("http 503", "timeout", ...)
+    server_s: float | None = None  # the server's own time for it (Server-Timing: worker), when it says
 
     @property
     def ok(self) -> bool:
@@ -111,6 +113,7 @@ class Connection:
     def __init__(self, target: Target):
         self.target = target
         self._conn: http.client.HTTPConnection | None = None
+        self.last_headers: http.client.HTTPMessage | None = None  # of the last answer
 
     def _open(self) -> http.client.HTTPConnection:
         if self._conn is None:
@@ -131,10 +134,12 @@ class Connection:
                 headers: dict[str, str] | None = None, path: str | None = None) -> tuple[int, bytes]:
         """Send one request; (status, body). Raises OSError/HTTPException on a transport failure."""
         conn = self._open()
+        self.last_headers = None
         try:
             conn.request(method, path or self.target.path, body=body, headers=headers or {})
             response = conn.getresponse()
             data = response.read()
+            self.last_headers = response.msg
             if response.will_close:
                 self.close()
             return response.status, data
@@ -158,14 +163,34 @@ def transport_error(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def timed_post(conn: Connection, body: bytes, validate: Validator) -> tuple[float, int, str | None]:
-    """(seconds, status, error) of one POST."""
+def server_timing(header: str | None, metric: str = "worker") -> float | None:
+    """Seconds that a W3C Server-Timing header gives for `metric` ("worker;dur=43.1" is
+    milliseconds), or None when the header or the metric is missing or malformed."""
+    for entry in (header or "").split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        if name != metric:
+            continue
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "dur":
+                try:
+                    duration = float(value.strip().strip('"'))
+                except ValueError:
+                    return None
+                return duration / 1000.0 if math.isfinite(duration) and duration >= 0 else None
+    return None
+
+
+def timed_post(conn: Connection, body: bytes, validate: Validator) -> tuple[float, int, str | None, float | None]:
+    """(seconds, status, error, the server's own seconds when it says) of one POST."""
     began = time.perf_counter()
     try:
         status, data = conn.post(body)
     except (OSError, http.client.HTTPException) as exc:
-        return time.perf_counter() - began, 0, transport_error(exc)
-    return time.perf_counter() - began, status, validate(status, data)
+        return time.perf_counter() - began, 0, transport_error(exc), None
+    elapsed = time.perf_counter() - began
+    headers = conn.last_headers
+    return elapsed, status, validate(status, data), server_timing(headers.get("Server-Timing") if headers else None)
 
 
 class _Tickets:
@@ -212,8 +237,8 @@ def run_closed_loop(target: Target, payloads: Sequence[bytes], concurrency: int,
                 if n is None:
                     break
                 start = time.monotonic() - began
-                latency, status, error = timed_post(conn, payloads[n % len(payloads)], validate)
-                mine.append(Outcome(start, latency, status, error))
+                latency, status, error, server_s = timed_post(conn, payloads[n % len(payloads)], validate)
+                mine.append(Outcome(start, latency, status, error, server_s))
         finally:
             conn.close()
             with lock:
@@ -261,8 +286,8 @@ def run_open_loop(target: Target, payloads: Sequence[bytes], rate: float, durati
                 if began + scheduled > now:
                     time.sleep(began + scheduled - now)
                 sent = time.monotonic() - began
-                latency, status, error = timed_post(conn, payloads[n % len(payloads)], validate)
-                mine.append(Outcome(scheduled, sent - scheduled + latency, status, error))
+                latency, status, error, server_s = timed_post(conn, payloads[n % len(payloads)], validate)
+                mine.append(Outcome(scheduled, sent - scheduled + latency, status, error, server_s))
         finally:
             conn.close()
             with lock:

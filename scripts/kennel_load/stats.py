@@ -2,6 +2,7 @@
 auto-scaling recommendation and trends (memory growth) over a run."""
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,31 @@ class StepSummary:
         data = asdict(self)
         data["success_rate"] = self.success_rate
         return data
+
+
+def ideal_queue_waits(arrivals_s: Sequence[float], service_s: Sequence[float], servers: int) -> list[float]:
+    """Each request's wait in an ideal first-come-first-served queue: `servers` workers
+    with no overhead, each request taking exactly its service time.
+
+    Fed with the service times a server reported, it gives the queueing that those
+    times alone imply: when the host slows the server down for a few seconds, the
+    requests behind wait here too. Arrivals must be in order.
+    """
+    if servers < 1:
+        raise ValueError("servers must be at least 1")
+    if len(arrivals_s) != len(service_s):
+        raise ValueError("one service time per arrival")
+    free_at = [-math.inf] * servers  # a heap: when each worker is next free
+    waits = []
+    previous = -math.inf
+    for arrival, service in zip(arrivals_s, service_s):
+        if arrival < previous:
+            raise ValueError("arrivals must be in order")
+        previous = arrival
+        start = max(arrival, heapq.heappop(free_at))
+        heapq.heappush(free_at, start + service)
+        waits.append(start - arrival)
+    return waits
 
 
 def summarize(run: Run) -> StepSummary:

@@ -153,6 +153,23 @@ def test_raw_images_give_the_original_answer(server, local_model, content_type, 
     np.testing.assert_allclose(scores, expected_logits(local_model, body), rtol=1e-5, atol=1e-5)
 
 
+def server_timing_ms(reply) -> float:
+    """The worker's duration from `Server-Timing: worker;dur=<ms>`."""
+    name, _, duration = reply.headers["server-timing"].partition(";dur=")
+    assert name == "worker", reply.headers["server-timing"]
+    return float(duration)
+
+
+def test_every_answer_says_how_long_the_worker_took(server):
+    began = time.perf_counter()
+    good = server.invoke(PHOTO, "image/jpeg")
+    elapsed_ms = (time.perf_counter() - began) * 1000
+    assert good.status == 200
+    assert 0 < server_timing_ms(good) <= elapsed_ms
+    refused = server.invoke(b"not an image", "image/jpeg")
+    assert refused.status == 400 and server_timing_ms(refused) > 0
+
+
 def test_json_forms_and_batching(server, local_model, image_host):
     single = server.invoke(json.dumps({"image": b64(PHOTO)}).encode(), "application/json; charset=utf-8")
     np.testing.assert_allclose(single.json(), expected_logits(local_model, PHOTO), rtol=1e-5, atol=1e-5)

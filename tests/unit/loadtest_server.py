@@ -1,7 +1,8 @@
 """A real HTTP server with a known capacity, for testing the load generator and its analysis.
 
 `slots` requests are served at once, each taking `service_s`: the capacity is
-slots / service_s requests per second, and queueing beyond it is real.
+slots / service_s requests per second, and queueing beyond it is real. Each
+answer says how long its slot was held (Server-Timing: worker), as kennel-serve does.
 """
 from __future__ import annotations
 
@@ -47,10 +48,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
-    def _answer(self, status: int, payload) -> None:
+    def _answer(self, status: int, payload, timing: str | None = None) -> None:
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
+        if timing:
+            self.send_header("Server-Timing", timing)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -72,5 +75,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(503, {"error": "overloaded"})
             return
         with server.slots:
+            began = time.perf_counter()
             time.sleep(server.service_s)
-        self._answer(200, [[0.1, 0.9]])
+            served_ms = (time.perf_counter() - began) * 1000
+        self._answer(200, [[0.1, 0.9]], timing=f"worker;dur={served_ms:.2f}")

@@ -12,12 +12,16 @@ and turns exceptions into HTTP errors, but (1.10.1, checked):
 KennelTransformer screens each request before the toolkit sees it (payload limit,
 Content-Type normalised, charset and UTF-8 checked), renders every error as
 {"error": "..."} with the right status and no traceback (5xx details go to the log
-only), and marks the worker busy while it works (kennel_serve.activity).
+only), marks the worker busy while it works (kennel_serve.activity), and tells
+the client how long the worker took: a W3C ``Server-Timing: worker;dur=<ms>``
+header on every answer, so a client can tell the model's time from the time its
+request waited in the server's queue.
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from http import HTTPStatus
 from typing import Any
 
@@ -45,13 +49,21 @@ class KennelTransformer(Transformer):
         self._activity = activity or WorkerActivity(settings.state_dir)
 
     def transform(self, data: list, context: Any) -> list:
+        began = time.perf_counter()
         with self._activity.busy():
-            try:
-                for request in data:
-                    self._screen(request, request_headers(context))
-            except RequestError as exc:
-                return self.handle_error(context, exc, "")
-            return super().transform(data, context)
+            answers = self._transform(data, context)
+        timing = f"worker;dur={(time.perf_counter() - began) * 1000:.1f}"
+        for index in range(len(data)):
+            context.set_response_header(index, "Server-Timing", timing)
+        return answers
+
+    def _transform(self, data: list, context: Any) -> list:
+        try:
+            for request in data:
+                self._screen(request, request_headers(context))
+        except RequestError as exc:
+            return self.handle_error(context, exc, "")
+        return super().transform(data, context)
 
     def _screen(self, request: dict, headers: dict) -> None:
         body = request.get("body")
