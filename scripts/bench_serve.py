@@ -17,7 +17,8 @@ converted like an original model: Resize((224, 224)), no normalisation) and
 - served: `docker run IMAGE serve` (layout WxT/S: SAGEMAKER_MODEL_SERVER_WORKERS=W,
   KENNEL_ORT_THREADS=T, KENNEL_ORT_SOLO_THREADS=S, the threads of a request that
   runs while the other workers idle; WxT alone means S=T), POST /invocations over 127.0.0.1 with a keep-alive connection:
-  p50 of sequential requests, and the best throughput of closed-loop runs at
+  p50 of sequential requests (and of the worker's own time, from the answers'
+  Server-Timing header: the rest is transport and dispatch), and the best throughput of closed-loop runs at
   1, 2 and 4 requests per worker in flight (saturation).
 - cold start: `docker run` to the first 200 from POST /invocations, default layout.
 - image size: `docker image inspect`.
@@ -303,12 +304,19 @@ def build_plugin(directory: Path) -> Path:
 
 
 def sequential_p50(url: str, payloads: list[bytes], count: int) -> float:
+    return sequential(url, payloads, count)[0]
+
+
+def sequential(url: str, payloads: list[bytes], count: int) -> tuple[float, float | None]:
+    """p50 of one request at a time, and p50 of the worker's own time (Server-Timing) when the server says."""
     from kennel_load.client import Target, run_closed_loop
-    from kennel_load.stats import summarize
-    step = summarize(run_closed_loop(Target(url), payloads, 1, duration_s=600, max_requests=count))
+    from kennel_load.stats import percentile, summarize
+    run = run_closed_loop(Target(url), payloads, 1, duration_s=600, max_requests=count)
+    step = summarize(run)
     if step.successes != step.requests:
         raise RuntimeError(f"failed requests: {step.errors}")
-    return step.p50
+    worker = [o.server_s for o in run.outcomes if o.server_s is not None]
+    return step.p50, percentile(worker, 50) if len(worker) == len(run.outcomes) else None
 
 
 def saturation(url: str, payloads: list[bytes], workers: int, seconds: float) -> dict:
@@ -423,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 first_answer(server, payloads[0])
                 sequential_p50(server.url, payloads, 10)  # warm
-                served = []
+                served, worker = [], []
                 for _ in range(args.rounds):
                     config = engine_config(solo)
                     inproc[config].append(time_calls(pipelines[config], payloads, args.requests))
@@ -432,12 +440,16 @@ def main(argv: list[str] | None = None) -> int:
                     eager_times.append(time_calls(eager, payloads, args.requests))
                     if original_server is not None:
                         original_served.append(sequential_p50(original_server.url, payloads, args.requests))
-                    served.append(sequential_p50(server.url, payloads, args.requests))
+                    p50, worker_p50 = sequential(server.url, payloads, args.requests)
+                    served.append(p50)
+                    if worker_p50 is not None:
+                        worker.append(worker_p50)
                 steps = saturation(server.url, payloads, workers, args.saturation_s)
             finally:
                 server.stop()
             results["layouts"][label] = {"workers": workers, "threads": threads, "solo_threads": solo,
                                          "served_p50_s": statistics.median(served), "served_p50_rounds_s": served,
+                                         "worker_p50_s": statistics.median(worker) if worker else None,
                                          "saturation": steps}
 
         if original_server is not None:
@@ -490,7 +502,10 @@ def report(results: dict, cpus: int) -> None:
     target = results["targets"]
     for label, layout in results["layouts"].items():
         print(f"\nlayout {label}: served p50 {ms(layout['served_p50_s'])} "
-              f"= {layout['latency_ratio']:.2f} x in-process {layout['engine']} (target <= {target['latency_ratio_max']})")
+              f"= {layout['latency_ratio']:.2f} x in-process {layout['engine']} (target <= {target['latency_ratio_max']})"
+              + (f"; the worker's own time {ms(layout['worker_p50_s'])} (Server-Timing), "
+                 f"{ms(layout['served_p50_s'] - layout['worker_p50_s'])} outside it"
+                 if layout.get("worker_p50_s") is not None else ""))
         print(f"  throughput {layout['throughput_per_s']:.1f}/s = {layout['throughput_ratio']:.2f} x "
               f"{cpus} CPUs / single-thread time (target >= {target['throughput_ratio_min']}); steps: " +
               ", ".join(f"{k} in flight {v['throughput']:.1f}/s p99 {ms(v['p99'])}"
