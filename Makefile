@@ -10,6 +10,9 @@ PY := $(VENV)/bin/python
 COMPOSE ?= docker compose
 TRAIN_IMAGE ?= kennel-train:latest
 SERVE_IMAGE ?= kennel-serve:latest
+# The commit the images are built from (their org.opencontainers.image.revision label; the
+# push tags with it); -dirty when tracked files differ from it; empty outside a git checkout.
+REVISION := $(shell git rev-parse --short=12 HEAD 2>/dev/null)$(shell git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo -dirty)
 # Empty: PyPI's torch (CPU and GPU). https://download.pytorch.org/whl/cpu: the slim CPU-only image.
 TORCH_INDEX_URL ?=
 # Containers started by make write files as the person running make.
@@ -49,12 +52,12 @@ prune-superseded = @docker image prune --force --filter dangling=true \
 images: image-train image-serve ## build both images
 
 image-train: build-ca ## build kennel-train (TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu: slim CPU-only)
-	docker build -f containers/train/Dockerfile -t $(TRAIN_IMAGE) \
+	docker build -f containers/train/Dockerfile -t $(TRAIN_IMAGE) --build-arg KENNEL_REVISION=$(REVISION) \
 	  $(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)) .
 	$(call prune-superseded,kennel-train)
 
 image-serve: build-ca ## build kennel-serve
-	docker build -f containers/serve/Dockerfile -t $(SERVE_IMAGE) .
+	docker build -f containers/serve/Dockerfile -t $(SERVE_IMAGE) --build-arg KENNEL_REVISION=$(REVISION) .
 	$(call prune-superseded,kennel-serve)
 
 serve: image-serve ## serve ./model on 127.0.0.1:8080 with docker compose (KENNEL_MODEL_DIR=dir: another model)

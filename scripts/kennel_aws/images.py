@@ -57,14 +57,20 @@ def git_commit(root: Path = REPO_ROOT) -> str | None:
 
 
 def image_tag(image: Any, version: str | None, commit: str | None) -> str:
-    """<version>-<commit>: the image's OCI labels first, then the flag/checkout values.
+    """<version>-<commit>. The version: the flag, else the image's OCI version label,
+    else "dev". The commit: the image's OCI revision label (the commit it was built
+    from, 12 hex digits kept, a "-dirty" suffix too), else the flag, else the checkout's.
 
     Tags are immutable in ECR, so a tag names exactly one build.
     """
     labels = image.labels or {}
     version = version or labels.get(VERSION_LABEL) or "dev"
     revision = labels.get(REVISION_LABEL)
-    commit = revision[:12] if revision else (commit or git_commit() or "nogit")
+    if revision:
+        sha, dash, suffix = revision.partition("-")
+        commit = sha[:12] + dash + suffix
+    else:
+        commit = commit or git_commit() or "nogit"
     return f"{version}-{commit}"
 
 

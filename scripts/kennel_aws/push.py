@@ -4,9 +4,10 @@ ECR (the default): the repositories NAME-train and NAME-serve are created when
 missing, with scan on push, IMMUTABLE tags, AES256 encryption and a lifecycle
 policy that keeps the last --keep images; existing ones are brought to those
 settings. Docker logs in with the ECR authorization token. Images are tagged
-<version>-<commit> (the image's OCI version/revision labels, else --image-version
-and the checkout's commit), so a tag always names exactly one build; pushing
-the same build again is a no-op.
+<version>-<commit> (--image-version, else the image's OCI version label, else
+"dev"; the commit from the image's OCI revision label, which `make images` sets,
+else the checkout's), so a tag always names exactly one build; pushing the same
+build again is a no-op.
 
 --registry HOST[:PORT] pushes to a plain OCI registry instead (no ECR or other
 AWS call); --registry-username with --registry-password-stdin logs in first.

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from kennel_aws.ecr import auth_config
+from kennel_aws.images import image_tag
 
 pytestmark = pytest.mark.aws
 REPO = Path(__file__).resolve().parents[2]
@@ -28,6 +29,20 @@ TAG = "9.8.7-0123456789ab"  # <image version label>-<first 12 of the revision la
 
 
 @pytest.mark.container  # the real Docker engine
+def test_the_tag_names_the_build():
+    class Image:
+        def __init__(self, labels):
+            self.labels = labels
+    built = Image({"org.opencontainers.image.revision": "0123456789abcdef0123456789abcdef01234567",
+                   "org.opencontainers.image.version": "1.2.0"})
+    assert image_tag(built, None, "fedcba987654") == "1.2.0-0123456789ab"  # the label, not the checkout
+    assert image_tag(built, "2.0.0", None) == "2.0.0-0123456789ab"
+    # A build with uncommitted changes must not take its commit's tag (ECR tags are immutable).
+    assert image_tag(Image({"org.opencontainers.image.revision": "0123456789ab-dirty"}), None, None) == \
+        "dev-0123456789ab-dirty"
+    assert image_tag(Image({"org.opencontainers.image.revision": ""}), None, "fedcba987654") == "dev-fedcba987654"
+
+
 def test_loopback_registries_are_insecure_by_default(docker_client):
     insecure = docker_client.info()["RegistryConfig"]["InsecureRegistryCIDRs"]
     assert "127.0.0.0/8" in insecure

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from docker_cli import COMPOSE_FILE, REPO, run
+from kennel_aws.images import git_commit
 
 pytestmark = pytest.mark.container
 
@@ -109,6 +110,7 @@ def test_image_is_small_unprivileged_torch_free_and_labelled(serve_image):
     config = inspect["Config"]
     assert config["User"] == "kennel"
     assert config["Labels"]["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
+    assert config["Labels"]["org.opencontainers.image.revision"] == git_commit()  # what the push tags with
     assert config["Entrypoint"][:2] == ["tini", "--"] and config["Cmd"] == ["serve"]
     checks = ("import importlib.util, os, ssl;"
               "assert importlib.util.find_spec('torch') is None, 'torch in the image';"

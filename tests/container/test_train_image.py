@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from docker_cli import run
+from kennel_aws.images import git_commit
 
 pytestmark = pytest.mark.container
 
@@ -33,6 +34,8 @@ def test_image_is_labelled_and_configured_for_the_toolkit(train_image):
     assert env["PYTHONPATH"] == "/opt/kennel"
     assert config["Labels"]["org.opencontainers.image.title"] == "kennel-train"
     assert config["Labels"]["kennel.torch.version"] == "2.14.1"
+    # The push tags with it: it must name the commit the image was built from.
+    assert config["Labels"]["org.opencontainers.image.revision"] == git_commit()
 
 
 def test_image_holds_the_pinned_stack_and_no_build_only_files(train_image):
