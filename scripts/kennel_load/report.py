@@ -129,19 +129,22 @@ def _ms(seconds: float | None) -> str:
 
 
 def step_table(steps: list[StepSummary]) -> str:
+    """One line per step; `work` is the p50 of the server's own time per answer (Server-Timing),
+    so p50 - work is what requests spent queued and in transit."""
     header = (f"{'clients':>7} {'requests':>8} {'ok':>7} {'req/s':>7} {'p50':>6} {'p90':>6} {'p95':>6} "
-              f"{'p99':>6} {'max':>6} {'cpu%':>6} {'MiB':>6} {'gen%':>5} {'load':>5}  errors")
-    lines = [header, f"{'':>7} {'':>8} {'':>7} {'':>7} {'ms':>6} {'ms':>6} {'ms':>6} {'ms':>6} {'ms':>6}"]
+              f"{'p99':>6} {'max':>6} {'work':>6} {'cpu%':>6} {'MiB':>6} {'gen%':>5} {'load':>5}  errors")
+    lines = [header, f"{'':>7} {'':>8} {'':>7} {'':>7}" + f" {'ms':>6}" * 6]
     for s in steps:
         cpu = "-" if s.cpu_percent is None else f"{s.cpu_percent:.0f}"
         mem = "-" if s.memory_mib is None else f"{s.memory_mib:.0f}"
         load = "-" if s.host_load is None else f"{s.host_load:.1f}"
         client = "-" if s.client_cpu_percent is None else f"{s.client_cpu_percent:.0f}"
+        work = "-" if s.worker_p50 is None else _ms(s.worker_p50)
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(s.errors.items())) or ""
         lines.append(f"{s.concurrency if s.concurrency is not None else '-':>7} {s.requests:>8} "
                      f"{s.success_rate:>7.1%} {s.throughput:>7.2f} {_ms(s.latency['p50']):>6} "
                      f"{_ms(s.latency['p90']):>6} {_ms(s.latency['p95']):>6} {_ms(s.latency['p99']):>6} "
-                     f"{_ms(s.latency['max']):>6} {cpu:>6} {mem:>6} {client:>5} {load:>5}  {errors}")
+                     f"{_ms(s.latency['max']):>6} {work:>6} {cpu:>6} {mem:>6} {client:>5} {load:>5}  {errors}")
     return "\n".join(lines)
 
 

@@ -43,6 +43,7 @@ class StepSummary:
     memory_mib: float | None = None
     host_load: float | None = None  # the host's 1-minute load average at the end of the step
     client_cpu_percent: float | None = None  # the load generator's own CPU (it shares small hosts)
+    worker_p50: float | None = None  # the server's own time per answer (Server-Timing: worker), median
 
     @property
     def success_rate(self) -> float:
@@ -95,9 +96,11 @@ def summarize(run: Run) -> StepSummary:
     latency["mean"] = sum(good) / len(good) if good else math.nan
     errors = Counter(o.error for o in run.outcomes if not o.ok)
     duration = max(run.elapsed, 1e-9)
+    worker = [o.server_s for o in run.outcomes if o.ok and o.server_s is not None]
     return StepSummary(concurrency=run.concurrency, offered_rate=run.offered_rate,
                        requests=len(run.outcomes), successes=len(good), duration_s=duration,
-                       throughput=len(good) / duration, latency=latency, errors=dict(errors))
+                       throughput=len(good) / duration, latency=latency, errors=dict(errors),
+                       worker_p50=percentile(worker, 50) if worker else None)
 
 
 def failure_reason(step: StepSummary, target_p99_s: float) -> str | None:

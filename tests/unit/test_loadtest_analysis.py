@@ -43,6 +43,9 @@ def test_summarize_counts_and_rates():
     assert step.latency["p50"] == pytest.approx(0.055)
     assert step.errors == {"timeout": 1}
     assert failure_reason(step, 1.0) == "success 90.91% < 100%"
+    assert step.worker_p50 is None  # the server did not say
+    timed = [Outcome(i * 0.1, 0.05, 200, server_s=0.01 * (i + 1)) for i in range(5)]
+    assert summarize(Run(timed, 0.0, 1.0)).worker_p50 == pytest.approx(0.03)
 
 
 def test_step_criteria():
@@ -181,8 +184,11 @@ def test_report_json_plot_and_text(tmp_path):
     assert "166% of one core, 10.00 requests per CPU-second" in text
     assert "SAGEMAKER_MODEL_SERVER_WORKERS=2 (2 workers x 1 engine threads)" in text
     assert loaded["best_configuration"]["layout"] == {"workers": 2, "threads": 1}
+    results[1].steps[0].worker_p50 = 0.0425
     table = step_table(results[1].steps)
     assert "timeout: 10" in table and len(table.splitlines()) == 5
+    header, _, first, second, _ = table.splitlines()
+    assert header.split()[9] == "work" and first.split()[9] == "42" and second.split()[9] == "-"
 
 
 def test_report_without_any_passing_step_recommends_nothing():
