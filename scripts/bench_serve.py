@@ -10,7 +10,10 @@ converted like an original model: Resize((224, 224)), no normalisation) and
 500x375 JPEGs (a typical dog photo):
 
 - in-process: decode + preprocess + forward with the same engine (ONNX Runtime,
-  kennel_serve.engine) and the same threads as a serving worker; median time.
+  kennel_serve.engine) and the same threads as a serving worker; median time of
+  calls back to back, and of calls each after the idle gap that the served
+  worker has between requests (served p50 minus the worker's own time): a CPU
+  that idles between calls runs the next one slower (caches, a VM's vCPU halted).
 - the original's way: PyTorch eager on the same weights, torchvision transforms,
   torch's default threads (what the managed PyTorch container's model_fn did): in
   process, and (--server host) as a code/inference.py served by the same stack.
@@ -109,12 +112,15 @@ def write_random_model(model_dir: str | Path, architecture: str = "resnet18", nu
 
 # --------------------------------------------------------------------------- in process
 
-def time_calls(call, payloads: list[bytes], count: int) -> float:
-    """Median seconds of call(payload) over count calls (after two untimed ones)."""
+def time_calls(call, payloads: list[bytes], count: int, gap_s: float = 0.0) -> float:
+    """Median seconds of call(payload) over count calls (after two untimed ones), back to
+    back or with the CPU left idle for gap_s before each call."""
     for payload in payloads[:2]:
         call(payload)
     times = []
     for i in range(count):
+        if gap_s > 0:
+            time.sleep(gap_s)
         started = time.perf_counter()
         call(payloads[i % len(payloads)])
         times.append(time.perf_counter() - started)
@@ -431,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 first_answer(server, payloads[0])
                 sequential_p50(server.url, payloads, 10)  # warm
-                served, worker = [], []
+                served, worker, gapped = [], [], []
                 for _ in range(args.rounds):
                     config = engine_config(solo)
                     inproc[config].append(time_calls(pipelines[config], payloads, args.requests))
@@ -444,12 +450,17 @@ def main(argv: list[str] | None = None) -> int:
                     served.append(p50)
                     if worker_p50 is not None:
                         worker.append(worker_p50)
+                        # The served worker idles between requests while each answer travels:
+                        # the same engine in process, with that idle gap before each call.
+                        gapped.append(time_calls(pipelines[config], payloads, args.requests,
+                                                 gap_s=max(0.0, p50 - worker_p50)))
                 steps = saturation(server.url, payloads, workers, args.saturation_s)
             finally:
                 server.stop()
             results["layouts"][label] = {"workers": workers, "threads": threads, "solo_threads": solo,
                                          "served_p50_s": statistics.median(served), "served_p50_rounds_s": served,
                                          "worker_p50_s": statistics.median(worker) if worker else None,
+                                         "inproc_gapped_p50_s": statistics.median(gapped) if gapped else None,
                                          "saturation": steps}
 
         if original_server is not None:
@@ -473,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         best = max(step["throughput"] for step in layout["saturation"].values())
         layout["engine"] = engine_config(layout["solo_threads"])
         layout["latency_ratio"] = layout["served_p50_s"] / results["inproc_p50_s"][layout["engine"]]
+        if layout["inproc_gapped_p50_s"]:
+            layout["latency_ratio_gapped"] = layout["served_p50_s"] / layout["inproc_gapped_p50_s"]
         layout["throughput_per_s"] = best
         layout["throughput_ratio"] = best / (cpus / single)
         layout["speedup_vs_original"] = results["original_eager_p50_s"] / layout["served_p50_s"]
@@ -506,6 +519,9 @@ def report(results: dict, cpus: int) -> None:
               + (f"; the worker's own time {ms(layout['worker_p50_s'])} (Server-Timing), "
                  f"{ms(layout['served_p50_s'] - layout['worker_p50_s'])} outside it"
                  if layout.get("worker_p50_s") is not None else ""))
+        if layout.get("latency_ratio_gapped"):
+            print(f"  in process with that idle gap before each call: {ms(layout['inproc_gapped_p50_s'])}, "
+                  f"served = {layout['latency_ratio_gapped']:.2f} x that")
         print(f"  throughput {layout['throughput_per_s']:.1f}/s = {layout['throughput_ratio']:.2f} x "
               f"{cpus} CPUs / single-thread time (target >= {target['throughput_ratio_min']}); steps: " +
               ", ".join(f"{k} in flight {v['throughput']:.1f}/s p99 {ms(v['p99'])}"
