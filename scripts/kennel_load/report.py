@@ -27,13 +27,15 @@ class ConfigurationResult:
     stopped_because: str
     target_p99_s: float
     notes: list[str] = field(default_factory=list)
-    layout: dict[str, int] | None = None  # what the server chose: {"workers": 2, "threads": 1}
+    layout: dict[str, int] | None = None  # what the server chose: {"workers": 2, "threads": 1, "solo_threads": 2}
 
     @property
     def label(self) -> str:
         label = ", ".join(f"{k}={v}" for k, v in self.settings.items()) or "image defaults"
         if self.layout:
-            label += f" ({self.layout['workers']} workers x {self.layout['threads']} engine threads)"
+            solo = self.layout.get("solo_threads")
+            label += (f" ({self.layout['workers']} workers x {self.layout['threads']} engine threads"
+                      + (f", {solo} for a request alone" if solo and solo != self.layout["threads"] else "") + ")")
         return label
 
     @property

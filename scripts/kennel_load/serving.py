@@ -25,7 +25,20 @@ WORKERS_VARIABLE = "SAGEMAKER_MODEL_SERVER_WORKERS"
 THREADS_VARIABLE = "KENNEL_ORT_THREADS"  # ONNX Runtime intra-op threads per worker (containers/serve)
 MODEL_DIR_VARIABLE = "KENNEL_MODEL_DIR"  # compose.yaml mounts it at /opt/ml/model
 # kennel_serve.launcher logs "ready: http://0.0.0.0:8080, 2 worker(s) x 1 engine thread(s), ..."
-READY_LINE = re.compile(r"ready: \S+ (?P<workers>\d+) worker\(s\) x (?P<threads>\d+) engine thread\(s\)")
+READY_LINE = re.compile(r"ready: \S+ (?P<workers>\d+) worker\(s\) x (?P<threads>\d+) engine thread\(s\)"
+                        r"(?: \((?P<solo>\d+) for a request alone\))?")
+
+
+def parse_layout(log_text: str) -> dict[str, int] | None:
+    """{"workers", "threads"[, "solo_threads"]} from the launcher's "ready:" line, None if absent."""
+    for line in log_text.splitlines():
+        match = READY_LINE.search(line)
+        if match:
+            layout = {"workers": int(match["workers"]), "threads": int(match["threads"])}
+            if match["solo"]:
+                layout["solo_threads"] = int(match["solo"])
+            return layout
+    return None
 
 
 class ServingError(RuntimeError):
@@ -53,11 +66,7 @@ class ServingContainer:
 
     def effective_layout(self) -> dict[str, int] | None:
         """The workers x engine threads the server chose, from its "ready:" log line (None if absent)."""
-        for line in self.logs(tail=400).splitlines():
-            match = READY_LINE.search(line)
-            if match:
-                return {"workers": int(match["workers"]), "threads": int(match["threads"])}
-        return None
+        return parse_layout(self.logs(tail=400))
 
     def stop(self, timeout_s: int = 30) -> None:
         subprocess.run(["docker", "stop", "--time", str(timeout_s), self.name], capture_output=True,

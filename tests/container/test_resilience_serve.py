@@ -716,7 +716,7 @@ def test_loadtest_command_runs_the_compose_service_and_writes_its_report(serve_i
     report = json.loads(report_path.read_text())
     best = report["best_configuration"]
     assert best["settings"] == {"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "KENNEL_ORT_THREADS": "1"}
-    assert best["layout"] == {"workers": 2, "threads": 1}  # what the server says it ran
+    assert best["layout"] == {"workers": 2, "threads": 1, "solo_threads": 1}  # what the server says it ran
     rate = report["max_sustainable_rps"]
     assert rate > 0 and report["recommended_invocations_per_instance"] == math.floor(rate * 60 * 0.5)
     for step in best["steps"]:

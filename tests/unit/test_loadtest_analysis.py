@@ -184,11 +184,24 @@ def test_report_json_plot_and_text(tmp_path):
     assert "166% of one core, 10.00 requests per CPU-second" in text
     assert "SAGEMAKER_MODEL_SERVER_WORKERS=2 (2 workers x 1 engine threads)" in text
     assert loaded["best_configuration"]["layout"] == {"workers": 2, "threads": 1}
+    results[1].layout["solo_threads"] = 2
+    assert results[1].label == ("SAGEMAKER_MODEL_SERVER_WORKERS=2 (2 workers x 1 engine threads, "
+                                "2 for a request alone)")
     results[1].steps[0].worker_p50 = 0.0425
     table = step_table(results[1].steps)
     assert "timeout: 10" in table and len(table.splitlines()) == 5
     header, _, first, second, _ = table.splitlines()
     assert header.split()[9] == "work" and first.split()[9] == "42" and second.split()[9] == "-"
+
+
+def test_the_layout_is_read_from_the_launchers_ready_line():
+    from kennel_load.serving import parse_layout
+    logs = ("kennel-serve: starting\nkennel-serve: ready: "
+            "http://0.0.0.0:8080, 2 worker(s) x 1 engine thread(s) (2 for a request alone), 2.4 s after start\n")
+    assert parse_layout(logs) == {"workers": 2, "threads": 1, "solo_threads": 2}
+    assert parse_layout("ready: http://0.0.0.0:8080, 4 worker(s) x 2 engine thread(s), 1.0 s") == \
+        {"workers": 4, "threads": 2}  # a server from before the solo session
+    assert parse_layout("starting\n") is None
 
 
 def test_report_without_any_passing_step_recommends_nothing():
