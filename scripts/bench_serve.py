@@ -309,20 +309,14 @@ def build_plugin(directory: Path) -> Path:
     return directory
 
 
-def sequential_p50(url: str, payloads: list[bytes], count: int) -> float:
-    return sequential(url, payloads, count)[0]
-
-
 def sequential(url: str, payloads: list[bytes], count: int) -> tuple[float, float | None]:
     """p50 of one request at a time, and p50 of the worker's own time (Server-Timing) when the server says."""
     from kennel_load.client import Target, run_closed_loop
-    from kennel_load.stats import percentile, summarize
-    run = run_closed_loop(Target(url), payloads, 1, duration_s=600, max_requests=count)
-    step = summarize(run)
+    from kennel_load.stats import summarize
+    step = summarize(run_closed_loop(Target(url), payloads, 1, duration_s=600, max_requests=count))
     if step.successes != step.requests:
         raise RuntimeError(f"failed requests: {step.errors}")
-    worker = [o.server_s for o in run.outcomes if o.server_s is not None]
-    return step.p50, percentile(worker, 50) if len(worker) == len(run.outcomes) else None
+    return step.p50, step.worker_p50
 
 
 def saturation(url: str, payloads: list[bytes], workers: int, seconds: float) -> dict:
@@ -425,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             original_server = ServedOnHost(original_model_dir(model_dir, args.arch, args.classes),
                                            {"SAGEMAKER_MODEL_SERVER_WORKERS": "1"}, plugins)
             first_answer(original_server, payloads[0])
-            sequential_p50(original_server.url, payloads, 10)  # warm
+            sequential(original_server.url, payloads, 10)  # warm
         original_served: list[float] = []
 
         for workers, threads, solo in parse_layouts(args.layouts):
@@ -436,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                             "KENNEL_ORT_SOLO_THREADS": str(solo)})
             try:
                 first_answer(server, payloads[0])
-                sequential_p50(server.url, payloads, 10)  # warm
+                sequential(server.url, payloads, 10)  # warm
                 served, worker, gapped = [], [], []
                 for _ in range(args.rounds):
                     config = engine_config(solo)
@@ -445,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                         inproc["1t"].append(time_calls(pipelines["1t"], payloads, args.requests))
                     eager_times.append(time_calls(eager, payloads, args.requests))
                     if original_server is not None:
-                        original_served.append(sequential_p50(original_server.url, payloads, args.requests))
+                        original_served.append(sequential(original_server.url, payloads, args.requests)[0])
                     p50, worker_p50 = sequential(server.url, payloads, args.requests)
                     served.append(p50)
                     if worker_p50 is not None:
