@@ -140,9 +140,10 @@ def onnx_pipeline(model_dir: Path, config: str):
     model = KennelModel.load(model_dir, threads=int(config.rstrip("t")))
 
     def call(payload: bytes):
-        images = decode_request(payload, "image/jpeg", fetch_url=None, max_images=1,
-                                max_pixels=kennel_artifact.DEFAULT_MAX_PIXELS)
-        return model.predict(images)
+        batch = decode_request(payload, "image/jpeg", fetch_url=None, max_images=1,
+                               max_pixels=kennel_artifact.DEFAULT_MAX_PIXELS, max_request_pixels=200_000_000,
+                               preprocessing=model.manifest.preprocessing)
+        return model.forward(batch[0][None])
     return call
 
 

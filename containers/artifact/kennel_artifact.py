@@ -23,12 +23,13 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "kennel.json"
@@ -40,9 +41,25 @@ ONNX_OUTPUT = "logits"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+MIB = 1024 * 1024
 # A 40-megapixel photo is far beyond any camera image a client should send to a
 # 224x224 classifier; anything larger is refused from its header, before decoding.
 DEFAULT_MAX_PIXELS = 40_000_000
+# What decoding one image may allocate: the decoded pixels plus their RGB copy, judged
+# from the header before any pixel is decoded. A 40-megapixel RGB photo needs 153 MiB
+# and a 40-megapixel grey, palette or 1-bit one 191 MiB (the RGB copy is made
+# alongside); modes of 4 bytes a pixel (CMYK, RGBA, 32-bit) fit at 25 megapixels.
+DEFAULT_MAX_DECODE_BYTES = 192 * MIB
+# The shorter-side resize makes a W x 1 image 256W x 256: a header of 100 bytes would
+# ask for gigabytes. No photo is near this (a 10:1 panorama resizes to 0.7 megapixels).
+MAX_RESIZED_PIXELS = 16 * MIB
+# Only these formats are decoded (Pillow plugin ids; JPEG covers MPO, the multi-picture
+# JPEG of phone cameras). Every other plugin stays unreachable: several decode in full
+# inside Image.open (an ICO's embedded PNG), before any size check could run.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+SUPPORTED_FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+# Image.open inflates a PNG's compressed text chunks, up to 64 MiB of them by default.
+PngImagePlugin.MAX_TEXT_MEMORY = 4 * MIB
 
 _INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
                    "nearest": Image.Resampling.NEAREST}
@@ -54,6 +71,10 @@ class ArtifactError(ValueError):
 
 class ImageError(ValueError):
     """Bytes that cannot be used as an image (not an image, truncated, too large)."""
+
+
+class UnsupportedImageFormat(ImageError):
+    """The bytes are not an image in one of SUPPORTED_FORMATS."""
 
 
 @dataclass(frozen=True)
@@ -104,9 +125,22 @@ class Preprocessing:
         new_short, new_long = self.resize, int(self.resize * long_ / short)
         return (new_short, new_long) if width <= height else (new_long, new_short)
 
+    def check_size(self, width: int, height: int) -> None:
+        """ImageError unless an image of this size can be preprocessed within the bounds:
+        called with a header's size, before any pixel is decoded."""
+        new_width, new_height = self.resized_size(width, height)
+        if new_width * new_height > MAX_RESIZED_PIXELS:
+            raise ImageError(f"image of {width}x{height} has too extreme an aspect ratio: resizing it for the "
+                             f"model would make {new_width}x{new_height} pixels, more than the limit of "
+                             f"{MAX_RESIZED_PIXELS}")
+        if self.center_crop is not None and min(new_width, new_height) < self.center_crop:
+            raise ImageError(f"image of {width}x{height} is smaller than the {self.center_crop}x{self.center_crop} crop")
+
     def apply(self, image: Image.Image) -> np.ndarray:
         """One image -> float32 array [3, H, W], ready for the model."""
-        image = image.convert("RGB")
+        self.check_size(*image.size)
+        if image.mode != "RGB":  # convert() copies even when the mode is already right
+            image = image.convert("RGB")
         size = self.resized_size(*image.size)
         if size != image.size:
             image = image.resize(size, _INTERPOLATIONS[self.interpolation])
@@ -242,34 +276,59 @@ def load(model_dir: str | os.PathLike[str], verify_checksum: bool = True) -> Man
     return manifest
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Bytes -> a fully decoded RGB image, or ImageError with a client-readable reason.
+def decoded_bytes(mode: str, width: int, height: int) -> int:
+    """What decoding an image of this mode and size allocates, its RGB copy included.
 
-    The pixel count is checked from the header before any pixel is decoded, so a
-    decompression bomb costs nothing.
+    Pillow keeps 1-bit, grey and palette pixels in 1 byte, 16-bit grey in 2, and
+    every other mode in 4 (RGB too: RGBX); converting to RGB adds 4 bytes a pixel.
+    """
+    stored = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    return width * height * (stored + (0 if mode == "RGB" else 4))
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+                 check_size: Callable[[int, int], None] | None = None) -> Image.Image:
+    """Bytes -> a fully decoded RGB image (the first frame), or ImageError with a client-readable reason.
+
+    Everything is judged from the header before any pixel is decoded: the format
+    (SUPPORTED_FORMATS only), the pixel count, what decoding allocates, and
+    check_size(width, height) (the caller's own bounds, e.g. Preprocessing.check_size).
+    Any failure of the decoders on these bytes is the bytes' fault: an ImageError.
     """
     if not data:
         raise ImageError("empty image")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except Image.DecompressionBombError:
         # Pillow's own guard fired first (far beyond its MAX_IMAGE_PIXELS).
         raise ImageError(f"image exceeds the limit of {max_pixels} pixels") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise ImageError("the bytes are not an image in a supported format (JPEG, PNG, ...)") from None
+    except UnidentifiedImageError:
+        raise UnsupportedImageFormat(f"the bytes are not an image in a supported format ({SUPPORTED_FORMAT_NAMES})") from None
+    except Exception:  # noqa: BLE001 - a plugin's header parser fails in its own ways on crafted bytes
+        raise ImageError("the image header is corrupt") from None
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageError("image has no pixels")
     if width * height > max_pixels:
         raise ImageError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+    needed = decoded_bytes(image.mode, width, height)
+    if needed > max_bytes:
+        raise ImageError(f"image of {width}x{height} pixels in mode {image.mode} needs {needed // MIB} MiB to "
+                         f"decode, more than the limit of {max_bytes // MIB} MiB")
+    if check_size is not None:
+        check_size(width, height)
     try:
         image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        if image.mode == "RGB":  # convert() would copy it
+            return image
+        # RGBA, LA, P (with or without transparency), L, I;16, CMYK -> RGB. Going through
+        # RGBA gives the same pixels for a palette with transparency and costs a third copy;
+        # Pillow's warning that suggests it is noise here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return image.convert("RGB")
+    except Exception:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, struct.error, ...
         raise ImageError("the image data is truncated or corrupt") from None
-    # RGBA, LA, P (palette, with or without transparency), L, I;16, CMYK -> RGB.
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -81,7 +81,8 @@ def models(request, tmp_path_factory):
 def test_serving_equals_training_evaluation(models, name, tmp_path):
     served, eager, preprocessing = models
     data = IMAGES[name]()
-    (image,) = decode_request(data, "application/octet-stream", fetch_url=None, max_images=1, max_pixels=10**8)
+    (image,) = decode_request(data, "application/octet-stream", fetch_url=None, max_images=1, max_pixels=10**8,
+                                max_request_pixels=10**8)
     serving_input = served.preprocess([image])
 
     (tmp_path / "image").write_bytes(data)

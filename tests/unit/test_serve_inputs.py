@@ -25,8 +25,9 @@ def no_fetch(url):
     raise AssertionError(f"nothing should be fetched, got {url}")
 
 
-def decode(body, content_type, fetch=no_fetch, max_images=32, max_pixels=40_000_000):
-    return decode_request(body, content_type, fetch_url=fetch, max_images=max_images, max_pixels=max_pixels)
+def decode(body, content_type, fetch=no_fetch, max_images=32, max_pixels=40_000_000, max_request_pixels=200_000_000):
+    return decode_request(body, content_type, fetch_url=fetch, max_images=max_images, max_pixels=max_pixels,
+                          max_request_pixels=max_request_pixels)
 
 
 def error_of(*args, **kwargs) -> RequestError:

@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 # failed load is reported once, by ArtifactError.
 ort.set_default_logger_severity(3)
 
+# ONNX Runtime's arena grows to the largest batch it has run and keeps that memory:
+# a ResNet-50 run of 32 images holds about 190 MiB more than one of 8 (docs/benchmarks.md,
+# "Request budget"). On a CPU, batches beyond a few images gain no throughput.
+FORWARD_BATCH = 8
+
 
 def session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
@@ -114,9 +119,12 @@ class KennelModel:
         return np.stack([self.manifest.preprocessing.apply(image) for image in images])
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        """float32 [N, 3, H, W] -> logits float32 [N, num_classes]."""
+        """float32 [N, 3, H, W] -> logits float32 [N, num_classes], FORWARD_BATCH images per run."""
         session = self.solo_session if self.solo_session is not None and not self.others_busy() else self.session
-        return self._run(session, batch)
+        if len(batch) <= FORWARD_BATCH:
+            return self._run(session, batch)
+        return np.concatenate([self._run(session, batch[start:start + FORWARD_BATCH])
+                               for start in range(0, len(batch), FORWARD_BATCH)])
 
     @staticmethod
     def _run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:

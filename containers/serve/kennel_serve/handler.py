@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 from sagemaker_inference.default_inference_handler import DefaultInferenceHandler
 
+from kennel_artifact import Preprocessing
+
 from kennel_serve import inputs, outputs
 from kennel_serve.activity import busy_workers
 from kennel_serve.engine import KennelModel
@@ -35,12 +37,17 @@ class KennelInferenceHandler(DefaultInferenceHandler):
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.fetcher = UrlFetcher(settings.url)
+        # Set by the default model_fn: the default input_fn then preprocesses each image
+        # as soon as it is decoded. A model of a user's model_fn gets decoded images.
+        self.preprocessing: Preprocessing | None = None
 
     def default_model_fn(self, model_dir: str, context: Any = None) -> KennelModel:
         state_dir = self.settings.state_dir
-        return KennelModel.load(model_dir, threads=self.settings.ort_threads, solo_threads=self.settings.solo_threads,
-                                # This worker counts itself while it handles the request.
-                                others_busy=lambda: busy_workers(state_dir) > 1)
+        model = KennelModel.load(model_dir, threads=self.settings.ort_threads, solo_threads=self.settings.solo_threads,
+                                 # This worker counts itself while it handles the request.
+                                 others_busy=lambda: busy_workers(state_dir) > 1)
+        self.preprocessing = model.manifest.preprocessing
+        return model
 
     def default_model_warmup_fn(self, model_dir: str, model: Any, context: Any = None) -> None:
         if isinstance(model, KennelModel):
@@ -48,9 +55,14 @@ class KennelInferenceHandler(DefaultInferenceHandler):
         else:
             log.info("model_fn returned a %s, not a kennel model: no built-in warm-up", type(model).__name__)
 
-    def default_input_fn(self, input_data: Any, content_type: str, context: Any = None) -> list[Image.Image]:
-        return inputs.decode_request(input_data, content_type, fetch_url=self.fetcher.fetch,
-                                     max_images=self.settings.max_images, max_pixels=self.settings.max_pixels)
+    def default_input_fn(self, input_data: Any, content_type: str,
+                         context: Any = None) -> np.ndarray | list[Image.Image]:
+        """The model's inputs, float32 [N, 3, H, W] (decoded RGB images when model_fn is the user's)."""
+        decoded = inputs.decode_request(input_data, content_type, fetch_url=self.fetcher.fetch,
+                                        max_images=self.settings.max_images, max_pixels=self.settings.max_pixels,
+                                        max_request_pixels=self.settings.max_request_pixels,
+                                        preprocessing=self.preprocessing)
+        return np.stack(decoded) if self.preprocessing is not None else decoded
 
     def default_predict_fn(self, data: Sequence[Image.Image] | np.ndarray, model: Any,
                            context: Any = None) -> outputs.Prediction:

@@ -19,11 +19,9 @@ import binascii
 import json
 from typing import Any, Callable
 
-from PIL import Image
+from kennel_artifact import ImageError, Preprocessing, decode_image
 
-from kennel_artifact import ImageError, decode_image
-
-from kennel_serve.errors import bad_request, unsupported_media_type
+from kennel_serve.errors import bad_request, payload_too_large, unsupported_media_type
 
 JSON = "application/json"
 JSONLINES = ("application/jsonlines", "application/jsonl", "application/x-jsonlines")
@@ -51,8 +49,17 @@ def is_raw_image(media_type: str) -> bool:
 
 
 def decode_request(body: bytes | bytearray | str | None, content_type: str | None, *,
-                   fetch_url: Callable[[str], bytes], max_images: int, max_pixels: int) -> list[Image.Image]:
-    """The request's images, in order, or RequestError (4xx) saying what is wrong."""
+                   fetch_url: Callable[[str], bytes], max_images: int, max_pixels: int,
+                   max_request_pixels: int,
+                   preprocessing: Preprocessing | None = None) -> list[Any]:
+    """The request's images, in order, or RequestError (4xx) saying what is wrong.
+
+    With ``preprocessing`` each image is turned into the model's input (float32
+    [3, H, W]) as soon as it is decoded and then dropped, so a request holds at most
+    one decoded image at a time; without it the decoded RGB images are returned.
+    Images are fetched and decoded one after the other, and the pixels of all of
+    them together may not exceed ``max_request_pixels``.
+    """
     media_type, _ = parse_media_type(content_type)
     if not media_type:
         raise unsupported_media_type(f"the request has no Content-Type; send one of: {SUPPORTED}")
@@ -76,13 +83,28 @@ def decode_request(body: bytes | bytearray | str | None, content_type: str | Non
     if len(blobs) > max_images:
         raise bad_request(f"{len(blobs)} images in one request, more than the limit of {max_images} "
                           f"(KENNEL_MAX_IMAGES)")
-    images = []
-    for where, source in blobs:
+    pixels_left = max_request_pixels
+
+    def within_budget(width: int, height: int) -> None:
+        nonlocal pixels_left
+        if preprocessing is not None:
+            preprocessing.check_size(width, height)
+        if width * height > pixels_left:
+            raise payload_too_large(f"the request's images hold more than {max_request_pixels} pixels in all "
+                                    f"(KENNEL_MAX_REQUEST_PIXELS); send fewer or smaller images")
+        pixels_left -= width * height
+
+    several = len(blobs) > 1 or blobs[0][0] != "the image"
+    decoded = []
+    while blobs:
+        where, source = blobs.pop(0)  # from here only `source` keeps this image's bytes alive
         try:
-            images.append(decode_image(source(), max_pixels=max_pixels))
+            image = decode_image(source(), max_pixels=max_pixels, check_size=within_budget)
+            decoded.append(preprocessing.apply(image) if preprocessing is not None else image)
         except ImageError as exc:
-            raise bad_request(f"{where}: {exc}" if len(blobs) > 1 or where != "the image" else str(exc)) from None
-    return images
+            raise bad_request(f"{where}: {exc}" if several else str(exc)) from None
+        del image, source  # before the next image is fetched and decoded
+    return decoded
 
 
 def _text(body: bytes | bytearray | str) -> str:
@@ -101,6 +123,9 @@ def _parse_json(text: bytes | bytearray | str, where: str) -> Any:
         raise bad_request(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise bad_request(f"{where} is nested too deeply") from None
+    except ValueError:
+        # json turns a number too long for int() (over 4300 digits) into a ValueError of its own.
+        raise bad_request(f"{where} holds a number too long to read") from None
 
 
 def _record_sources(record: Any, where: str, fetch_url: Callable[[str], bytes]) -> list[tuple[str, Callable[[], bytes]]]:

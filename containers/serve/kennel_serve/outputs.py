@@ -15,6 +15,7 @@ The header X-Amzn-SageMaker-Custom-Attributes: top_k=N switches application/json
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -31,6 +32,7 @@ JSONLINES = "application/jsonlines"
 _ALIASES = {"application/jsonl": JSONLINES, "application/x-jsonlines": JSONLINES}
 SUPPORTED = (JSON, TOPK_JSON, JSONLINES)
 CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
+_TOP_K = re.compile(r"[0-9]{1,6}")
 
 
 @dataclass
@@ -81,8 +83,10 @@ def requested_top_k(attributes: Mapping[str, str]) -> int | None:
     raw = attributes.get("top_k")
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise bad_request(f"custom attribute top_k={raw!r} must be a whole number of at least 1")
+    # ASCII digits only (str.isdigit() also takes '²', which int() refuses), and few of them.
+    if not _TOP_K.fullmatch(raw) or int(raw) < 1:
+        shown = raw if len(raw) <= 20 else raw[:20] + "..."
+        raise bad_request(f"custom attribute top_k={shown!r} must be a whole number from 1 to 999999")
     return int(raw)
 
 

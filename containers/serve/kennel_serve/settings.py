@@ -18,6 +18,9 @@ from kennel_serve.cpus import available_cpus, solo_threads, worker_layout
 
 MIB = 1024 * 1024
 BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
+# Decoding time grows with pixels: 200 megapixels in all is five 40-megapixel photos,
+# or 32 phone pictures of 6 megapixels.
+DEFAULT_MAX_REQUEST_PIXELS = 200_000_000
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -57,6 +60,7 @@ class ServeSettings:
     max_payload_bytes: int = 6 * MIB
     max_images: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
     top_k: int = 5
     batch: bool = False
     batch_strategy: str = "MULTI_RECORD"
@@ -102,6 +106,7 @@ class ServeSettings:
             max_payload_bytes=read.integer("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6, low=1, high=1024) * MIB,
             max_images=read.integer("KENNEL_MAX_IMAGES", 32, low=1, high=1024),
             max_pixels=read.integer("KENNEL_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS, low=1),
+            max_request_pixels=read.integer("KENNEL_MAX_REQUEST_PIXELS", DEFAULT_MAX_REQUEST_PIXELS, low=1),
             top_k=read.integer("KENNEL_TOP_K", 5, low=1),
             batch=batch,
             batch_strategy=strategy,
