@@ -290,3 +290,62 @@ def test_every_answer_is_logged_without_the_payload(stub, caplog):
     assert lines[-1]["status"] == 200 and lines[-1]["source"] == "image"
     assert 0 <= lines[-1]["ms"] <= (time.monotonic() - started) * 1000 + 1
     assert secret not in caplog.text
+
+
+# -- malformed events: 4xx, a short reason, no traceback in the log --------------------------------
+
+def proxy_event(**fields) -> dict:
+    event = {"version": "2.0", "headers": {"content-type": "application/json"},
+             "requestContext": {"http": {"method": "POST"}}, "body": json.dumps({"url": "https://example.com/a.jpg"}),
+             "isBase64Encoded": False}
+    return {**event, **fields}
+
+
+MALFORMED_EVENTS = [
+    pytest.param(proxy_event(body="[" * 100_000), id="deeply-nested-body"),
+    pytest.param(proxy_event(body='{"url": "https://example.com/a.jpg", "top_k": %s}' % ("9" * 5000)),
+                 id="5000-digit-top_k-in-body"),
+    pytest.param(proxy_event(body='{"url": "https://example.com/a.jpg", "n": %s}' % ("1" * 4301)),
+                 id="4301-digit-number-in-body"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": "\u00b2"}, id="top_k-superscript-two"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": "9" * 5000}, id="top_k-5000-digits"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": 10 ** 5000}, id="top_k-huge-int"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": 2.0}, id="top_k-float"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": True}, id="top_k-bool"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": -1}, id="top_k-negative"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": 0}, id="top_k-zero"),
+    pytest.param(proxy_event(queryStringParameters={"top_k": "\u00b2"}), id="query-top_k-superscript-two"),
+    pytest.param({"requestContext": "x"}, id="requestContext-string"),
+    pytest.param({"requestContext": [1]}, id="requestContext-list"),
+    pytest.param({"requestContext": 7}, id="requestContext-int"),
+    pytest.param({"requestContext": None}, id="requestContext-null"),
+    pytest.param(proxy_event(requestContext={"http": "POST"}), id="requestContext-http-string"),
+    pytest.param(proxy_event(httpMethod=["POST"]), id="httpMethod-list"),
+    pytest.param(proxy_event(headers=["content-type"]), id="headers-list"),
+    pytest.param(proxy_event(headers={"content-type": 1}), id="header-value-int"),
+    pytest.param(proxy_event(headers={1: "application/json"}), id="header-name-int"),
+    pytest.param(proxy_event(multiValueHeaders={"content-type": {"a": 1}}), id="multiValueHeaders-dict-value"),
+    pytest.param(proxy_event(multiValueHeaders="content-type"), id="multiValueHeaders-string"),
+    pytest.param(proxy_event(body=5), id="body-int"),
+    pytest.param(proxy_event(body="!!!", isBase64Encoded=True), id="invalid-base64"),
+    pytest.param(proxy_event(isBase64Encoded="yes"), id="isBase64Encoded-string"),
+    pytest.param(proxy_event(queryStringParameters="top_k=3"), id="queryStringParameters-string"),
+    pytest.param(proxy_event(multiValueQueryStringParameters={"top_k": 3}), id="multiValueQuery-int"),
+    pytest.param(proxy_event(body='{"url": "\ud800"}'), id="lone-surrogate"),
+    pytest.param({"image": base64.b64encode(JPEG).decode(), "content_type": "image/" + "x" * 2000},
+                 id="content_type-longer-than-the-runtime-takes"),
+    pytest.param([{"url": "https://example.com/a.jpg"}], id="event-list"),
+    pytest.param("https://example.com/a.jpg", id="event-string"),
+    pytest.param(None, id="event-null"),
+]
+
+
+@pytest.mark.parametrize("event", MALFORMED_EVENTS)
+def test_a_malformed_event_is_4xx_with_a_short_reason_and_no_traceback(stub, caplog, event):
+    with caplog.at_level("DEBUG", logger="kennel_lambda"):
+        response = kennel_lambda.handler(event, Context())
+    assert 400 <= response["statusCode"] < 500
+    error = body_of(response)["error"]
+    assert isinstance(error, str) and 0 < len(error) < 300
+    assert not any(record.exc_info for record in caplog.records)
+    assert "Traceback" not in caplog.text and "Traceback" not in response["body"]
