@@ -15,6 +15,7 @@ from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
 import kennel_lambda
+import kennel_lambda_events
 
 ENDPOINT = "kennel-test"
 SCORES = [[0.5, -1.25, 3.0]]
@@ -349,3 +350,43 @@ def test_a_malformed_event_is_4xx_with_a_short_reason_and_no_traceback(stub, cap
     assert isinstance(error, str) and 0 < len(error) < 300
     assert not any(record.exc_info for record in caplog.records)
     assert "Traceback" not in caplog.text and "Traceback" not in response["body"]
+
+
+# -- what the endpoint answers never breaks the function ---------------------------------------------
+
+def test_a_deeply_nested_endpoint_answer_is_502_not_a_crash(stub, caplog):
+    nested = b"[" * 100_000
+    stub.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(nested), len(nested)),
+                                          "ContentType": "application/json"})
+    with caplog.at_level("DEBUG", logger="kennel_lambda"):
+        response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 502 and "not JSON" in body_of(response)["error"]
+    assert not any(record.exc_info for record in caplog.records)
+
+
+def test_a_deeply_nested_model_message_is_passed_on_as_short_text(stub):
+    model_error(stub, 400, "[" * 100_000)
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 400 and body_of(response)["error"] == "[" * 500
+
+
+def test_the_models_refusal_is_relayed_as_it_is_without_detail_of_the_functions_own(stub):
+    """The container words its refusals; the function adds nothing about where the endpoint runs."""
+    model_error(stub, 400, json.dumps({"error": "the image URL is not allowed"}))
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 400 and body_of(response) == {"error": "the image URL is not allowed"}
+
+
+def test_a_request_botocore_refuses_to_send_is_a_bug_of_the_function(monkeypatch, caplog):
+    """parse_event builds every parameter; one botocore refuses is the function's fault: 500 with
+    a traceback in the log, not 502 'could not be reached'."""
+    # botocore validates before sending; the closed local port keeps any slip off the network.
+    client = kennel_lambda._session.create_client("sagemaker-runtime", region_name="us-east-1",
+                                                  endpoint_url="http://127.0.0.1:9")
+    monkeypatch.setattr(kennel_lambda, "_client", client)
+    wrong_type = kennel_lambda_events.EndpointRequest(JPEG, 7, None, "image")  # type: ignore[arg-type]
+    monkeypatch.setattr(kennel_lambda, "parse_event", lambda _event: wrong_type)
+    with caplog.at_level("DEBUG", logger="kennel_lambda"):
+        response = kennel_lambda.handler({"image": "ignored"}, Context())
+    assert response["statusCode"] == 500 and body_of(response) == {"error": "internal error in the function"}
+    assert any(record.exc_info for record in caplog.records)
