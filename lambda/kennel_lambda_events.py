@@ -198,7 +198,7 @@ def _check_url(url: Any) -> str:
         raise BadRequest(f"\"url\" is longer than {MAX_URL_CHARS} characters")
     try:
         url.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate, from a JSON escape such as "\\ud800"
+    except UnicodeEncodeError:  # a lone surrogate, from a JSON escape such as "\ud800"
         raise BadRequest("\"url\" is not valid UTF-8 text") from None
     try:
         parts = urllib.parse.urlsplit(url)
