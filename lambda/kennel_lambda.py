@@ -18,7 +18,8 @@ Gateway and Function URLs expect:
     504  the endpoint did not answer within the function's time
 
 Nothing is raised to the runtime: an unexpected failure is logged with its
-traceback and answered 500.
+traceback and answered 500. A caller's event never gets there: whatever it
+holds, kennel_lambda_events refuses it with a 4xx and the log has no traceback.
 
 Locally (no AWS): point the client at a SageMaker-runtime-compatible server with
 AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME (scripts/local_runtime.py forwards to a
@@ -38,7 +39,8 @@ from typing import Any
 import botocore.session
 from botocore.config import Config
 from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as BotoConnectionError,
-                                 ConnectTimeoutError, NoCredentialsError, NoRegionError, ReadTimeoutError)
+                                 ConnectTimeoutError, NoCredentialsError, NoRegionError, ParamValidationError,
+                                 ReadTimeoutError)
 
 from kennel_lambda_events import JSON, BadRequest, EndpointRequest, parse_event
 
@@ -229,13 +231,15 @@ def invoke(client: Any, endpoint: str, request: EndpointRequest) -> dict[str, An
         return answer(504, {"error": "the endpoint did not answer in time"})
     except NoCredentialsError:
         raise ConfigurationError("no AWS credentials (the function's role provides them)") from None
+    except ParamValidationError:
+        raise  # parse_event let through what InvokeEndpoint refuses: a bug here, not an unreachable runtime
     except (BotoConnectionError, BotoCoreError) as exc:
         log.warning("runtime unreachable: %s", exc)
         return answer(502, {"error": "the SageMaker runtime could not be reached"})
     try:
         text = body.decode("utf-8")
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         log.warning("endpoint answered %d bytes of %s that are not JSON", len(body), result.get("ContentType"))
         return answer(502, {"error": "the endpoint's answer is not JSON"})
     return {"statusCode": 200, "headers": {"Content-Type": JSON}, "body": text}
@@ -247,7 +251,7 @@ def client_error_answer(exc: ClientError, endpoint: str) -> dict[str, Any]:
     code = error.get("Code", "")
     message = error.get("Message", "")
     http_status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    log.warning("InvokeEndpoint failed: %s (%s): %s", code, http_status, message)
+    log.warning("InvokeEndpoint failed: %s (%s): %.500s", code, http_status, message)
     if code == "ModelError":
         return model_error_answer(exc.response)
     if code in THROTTLING_CODES or http_status in (429, 503):
@@ -282,7 +286,7 @@ def model_message(original: str) -> str:
     text = original.strip()
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if isinstance(data, dict):
         for key in ("error", "message", "Message"):

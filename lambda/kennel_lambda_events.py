@@ -14,6 +14,10 @@ Accepted events (anything else is a 400 with the reason):
 
 ``top_k`` (a field of the JSON object, or the query string of a proxy event)
 asks for the k most likely breeds instead of the raw class scores.
+
+Whatever the caller controls is checked here, down to the shape of each proxy
+field, so that a malformed event is a BadRequest naming what is wrong and never
+some other exception (answered 500, with a traceback in the log).
 """
 from __future__ import annotations
 
@@ -29,10 +33,16 @@ from typing import Any, Mapping
 MAX_BODY_BYTES = 6_291_456
 MAX_TOP_K = 1000
 MAX_URL_CHARS = 2048
+# How much of a refused value a reason quotes: enough to recognise it.
+QUOTED_CHARS = 40
 JSON = "application/json"
 # Content types the serving container reads as image bytes.
 _BINARY_TYPES = ("application/x-image", "application/octet-stream")
-_MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
+# RFC 6838 names: at most 127 characters each side, which also keeps the header
+# inside what InvokeEndpoint accepts (1024 characters).
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
+# ASCII digits only: str.isdigit() also takes "²" and "٣", which int() refuses or reads.
+_TOP_K_TEXT = re.compile(r"[0-9]{1,9}")
 _DATA_URI = re.compile(r"^data:([^;,]+);base64,", re.IGNORECASE)
 _SIGNATURES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"),
                (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"), (b"BM", "image/bmp"))
@@ -76,11 +86,12 @@ def _is_proxy_event(event: dict) -> bool:
 
 
 def _parse_proxy_event(event: dict) -> EndpointRequest:
-    method = event.get("httpMethod") or ((event.get("requestContext") or {}).get("http") or {}).get("method")
+    method = _proxy_method(event)
     if method and method.upper() != "POST":
-        raise BadRequest(f"method {method} is not supported: POST the image or a JSON object", status=405)
-    headers = _lower_keys(event.get("headers"), event.get("multiValueHeaders"))
-    query = _first_values(event.get("queryStringParameters"), event.get("multiValueQueryStringParameters"))
+        raise BadRequest(f"method {_quoted(method)} is not supported: POST the image or a JSON object", status=405)
+    headers = _lower_keys(_string_map(event, "headers"), _list_map(event, "multiValueHeaders"))
+    query = _first_values(_string_map(event, "queryStringParameters"),
+                          _list_map(event, "multiValueQueryStringParameters"))
     top_k = parse_top_k(query["top_k"]) if "top_k" in query else None
 
     body = event.get("body")
@@ -88,28 +99,59 @@ def _parse_proxy_event(event: dict) -> EndpointRequest:
         raise BadRequest("the request has no body: POST a JPEG/PNG image or {\"url\": \"https://...\"}")
     if not isinstance(body, str):
         raise BadRequest("the proxy event's body must be a string")
-    encoded = bool(event.get("isBase64Encoded"))
-    data = _b64decode(body, "the request body") if encoded else body.encode("utf-8")
+    encoded = event.get("isBase64Encoded", False)
+    if encoded is None:
+        encoded = False
+    if not isinstance(encoded, bool):
+        raise BadRequest("the event's isBase64Encoded must be true or false")
     media_type = _media_type(headers.get("content-type", ""))
 
     if media_type == JSON or media_type.endswith("+json") or (not media_type and not encoded):
         # A text body that names no Content-Type is read as the JSON object.
-        return _parse_fields(_load_json(data), top_k)
+        return _parse_fields(_load_json(_b64decode(body, "the request body") if encoded else body), top_k)
     if media_type.startswith("image/") or media_type in _BINARY_TYPES or not media_type:
         if not encoded:
             raise BadRequest("the image arrived as text, which corrupts it: send it base64-encoded "
                              "(API Gateway REST APIs need image/* in their binaryMediaTypes)")
+        data = _b64decode(body, "the request body")
         content_type = _image_content_type(data, media_type if media_type.startswith("image/") else "")
         return EndpointRequest(data, content_type, top_k, "raw-image")
-    raise BadRequest(f"Content-Type {media_type} is not supported: send application/json or an "
+    raise BadRequest(f"Content-Type {_quoted(media_type)} is not supported: send application/json or an "
                      "image type (image/jpeg, image/png)", status=415)
 
 
-def _load_json(data: bytes) -> Any:
+def _proxy_method(event: dict) -> str:
+    """The HTTP method: httpMethod (REST API, ALB) or requestContext.http.method (HTTP API 2.0,
+    Function URLs); "" when the event names none."""
+    context = event.get("requestContext", {})
+    if not isinstance(context, dict):
+        raise BadRequest("the event's requestContext must be an object")
+    http = context.get("http")
+    if http is not None and not isinstance(http, dict):
+        raise BadRequest("the event's requestContext.http must be an object")
+    method = event.get("httpMethod") or (http or {}).get("method") or ""
+    if not isinstance(method, str):
+        raise BadRequest("the event's HTTP method must be a string such as \"POST\"")
+    return method
+
+
+def _load_json(data: str | bytes) -> Any:
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, ValueError):
+        return json.loads(data, parse_int=_json_int)
+    except BadRequest:
+        raise
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply: send a flat JSON object such as "
+                         "{\"url\": \"https://...\"}") from None
+    except ValueError:  # UnicodeDecodeError included
         raise BadRequest("the body is not valid JSON") from None
+
+
+def _json_int(digits: str) -> int:
+    try:
+        return int(digits)
+    except ValueError:  # over the interpreter's limit on digits (4300 by default)
+        raise BadRequest("the body holds a number too long to read") from None
 
 
 def _parse_fields(fields: Any, top_k: int | None) -> EndpointRequest:
@@ -141,7 +183,7 @@ def _parse_fields(fields: Any, top_k: int | None) -> EndpointRequest:
 
 def parse_top_k(value: Any) -> int:
     """A positive whole number from JSON (5, "5") or a query string ("5")."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and _TOP_K_TEXT.fullmatch(value.strip()):
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K:
         raise BadRequest(f"top_k must be a whole number from 1 to {MAX_TOP_K}")
@@ -155,8 +197,13 @@ def _check_url(url: Any) -> str:
     if len(url) > MAX_URL_CHARS:
         raise BadRequest(f"\"url\" is longer than {MAX_URL_CHARS} characters")
     try:
+        url.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a JSON escape such as "\ud800"
+        raise BadRequest("\"url\" is not valid UTF-8 text") from None
+    try:
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname
+        parts.port  # raises for a port that is not a number from 0 to 65535
     except ValueError:
         host, parts = None, None
     if parts is None or parts.scheme not in ("http", "https") or not host:
@@ -178,8 +225,8 @@ def _b64decode(text: str, what: str) -> bytes:
 def _image_content_type(data: bytes, declared: str) -> str:
     """The declared image type, else the one the bytes start with; BadRequest when neither is known."""
     if declared:
-        if not _MEDIA_TYPE.match(declared):
-            raise BadRequest(f"content_type {declared!r} is not a media type such as image/jpeg")
+        if not _MEDIA_TYPE.fullmatch(declared):
+            raise BadRequest(f"content_type {_quoted(declared)} is not a media type such as image/jpeg")
         return declared
     for signature, media_type in _SIGNATURES:
         if data.startswith(signature):
@@ -194,13 +241,41 @@ def _media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-def _lower_keys(headers: Mapping[str, Any] | None, multi: Mapping[str, Any] | None) -> dict[str, str]:
-    merged = {key.lower(): values[0] for key, values in (multi or {}).items() if values}
-    merged.update({key.lower(): value for key, value in (headers or {}).items() if isinstance(value, str)})
+def _quoted(text: str) -> str:
+    """A value the caller sent, for a reason: quoted, and cut short when long."""
+    return repr(text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "...")
+
+
+def _string_map(event: dict, field: str) -> Mapping[str, str]:
+    """A proxy event's {name: value} field (headers, queryStringParameters); null when the request had none."""
+    value = event.get(field)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(key, str) and isinstance(item, str)
+                                              for key, item in value.items()):
+        raise BadRequest(f"the event's {field} must be an object of strings")
+    return value
+
+
+def _list_map(event: dict, field: str) -> Mapping[str, list[str]]:
+    """A proxy event's {name: [value, ...]} field (multiValueHeaders, multiValueQueryStringParameters)."""
+    value = event.get(field)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+            isinstance(key, str) and isinstance(items, list) and all(isinstance(item, str) for item in items)
+            for key, items in value.items()):
+        raise BadRequest(f"the event's {field} must be an object of lists of strings")
+    return value
+
+
+def _lower_keys(headers: Mapping[str, str], multi: Mapping[str, list[str]]) -> dict[str, str]:
+    merged = {key.lower(): values[0] for key, values in multi.items() if values}
+    merged.update({key.lower(): value for key, value in headers.items()})
     return merged
 
 
-def _first_values(single: Mapping[str, Any] | None, multi: Mapping[str, Any] | None) -> dict[str, str]:
-    merged = {key: values[0] for key, values in (multi or {}).items() if values}
-    merged.update({key: value for key, value in (single or {}).items() if isinstance(value, str)})
+def _first_values(single: Mapping[str, str], multi: Mapping[str, list[str]]) -> dict[str, str]:
+    merged = {key: values[0] for key, values in multi.items() if values}
+    merged.update(single)
     return merged

@@ -15,6 +15,7 @@ from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
 import kennel_lambda
+import kennel_lambda_events
 
 ENDPOINT = "kennel-test"
 SCORES = [[0.5, -1.25, 3.0]]
@@ -290,3 +291,102 @@ def test_every_answer_is_logged_without_the_payload(stub, caplog):
     assert lines[-1]["status"] == 200 and lines[-1]["source"] == "image"
     assert 0 <= lines[-1]["ms"] <= (time.monotonic() - started) * 1000 + 1
     assert secret not in caplog.text
+
+
+# -- malformed events: 4xx, a short reason, no traceback in the log --------------------------------
+
+def proxy_event(**fields) -> dict:
+    event = {"version": "2.0", "headers": {"content-type": "application/json"},
+             "requestContext": {"http": {"method": "POST"}}, "body": json.dumps({"url": "https://example.com/a.jpg"}),
+             "isBase64Encoded": False}
+    return {**event, **fields}
+
+
+MALFORMED_EVENTS = [
+    pytest.param(proxy_event(body="[" * 100_000), id="deeply-nested-body"),
+    pytest.param(proxy_event(body='{"url": "https://example.com/a.jpg", "top_k": %s}' % ("9" * 5000)),
+                 id="5000-digit-top_k-in-body"),
+    pytest.param(proxy_event(body='{"url": "https://example.com/a.jpg", "n": %s}' % ("1" * 4301)),
+                 id="4301-digit-number-in-body"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": "\u00b2"}, id="top_k-superscript-two"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": "9" * 5000}, id="top_k-5000-digits"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": 10 ** 5000}, id="top_k-huge-int"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": 2.0}, id="top_k-float"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": True}, id="top_k-bool"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": -1}, id="top_k-negative"),
+    pytest.param({"url": "https://example.com/a.jpg", "top_k": 0}, id="top_k-zero"),
+    pytest.param(proxy_event(queryStringParameters={"top_k": "\u00b2"}), id="query-top_k-superscript-two"),
+    pytest.param({"requestContext": "x"}, id="requestContext-string"),
+    pytest.param({"requestContext": [1]}, id="requestContext-list"),
+    pytest.param({"requestContext": 7}, id="requestContext-int"),
+    pytest.param({"requestContext": None}, id="requestContext-null"),
+    pytest.param(proxy_event(requestContext={"http": "POST"}), id="requestContext-http-string"),
+    pytest.param(proxy_event(httpMethod=["POST"]), id="httpMethod-list"),
+    pytest.param(proxy_event(headers=["content-type"]), id="headers-list"),
+    pytest.param(proxy_event(headers={"content-type": 1}), id="header-value-int"),
+    pytest.param(proxy_event(headers={1: "application/json"}), id="header-name-int"),
+    pytest.param(proxy_event(multiValueHeaders={"content-type": {"a": 1}}), id="multiValueHeaders-dict-value"),
+    pytest.param(proxy_event(multiValueHeaders="content-type"), id="multiValueHeaders-string"),
+    pytest.param(proxy_event(body=5), id="body-int"),
+    pytest.param(proxy_event(body="!!!", isBase64Encoded=True), id="invalid-base64"),
+    pytest.param(proxy_event(isBase64Encoded="yes"), id="isBase64Encoded-string"),
+    pytest.param(proxy_event(queryStringParameters="top_k=3"), id="queryStringParameters-string"),
+    pytest.param(proxy_event(multiValueQueryStringParameters={"top_k": 3}), id="multiValueQuery-int"),
+    pytest.param(proxy_event(body='{"url": "\ud800"}'), id="lone-surrogate"),
+    pytest.param({"image": base64.b64encode(JPEG).decode(), "content_type": "image/" + "x" * 2000},
+                 id="content_type-longer-than-the-runtime-takes"),
+    pytest.param([{"url": "https://example.com/a.jpg"}], id="event-list"),
+    pytest.param("https://example.com/a.jpg", id="event-string"),
+    pytest.param(None, id="event-null"),
+]
+
+
+@pytest.mark.parametrize("event", MALFORMED_EVENTS)
+def test_a_malformed_event_is_4xx_with_a_short_reason_and_no_traceback(stub, caplog, event):
+    with caplog.at_level("DEBUG", logger="kennel_lambda"):
+        response = kennel_lambda.handler(event, Context())
+    assert 400 <= response["statusCode"] < 500
+    error = body_of(response)["error"]
+    assert isinstance(error, str) and 0 < len(error) < 300
+    assert not any(record.exc_info for record in caplog.records)
+    assert "Traceback" not in caplog.text and "Traceback" not in response["body"]
+
+
+# -- what the endpoint answers never breaks the function ---------------------------------------------
+
+def test_a_deeply_nested_endpoint_answer_is_502_not_a_crash(stub, caplog):
+    nested = b"[" * 100_000
+    stub.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(nested), len(nested)),
+                                          "ContentType": "application/json"})
+    with caplog.at_level("DEBUG", logger="kennel_lambda"):
+        response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 502 and "not JSON" in body_of(response)["error"]
+    assert not any(record.exc_info for record in caplog.records)
+
+
+def test_a_deeply_nested_model_message_is_passed_on_as_short_text(stub):
+    model_error(stub, 400, "[" * 100_000)
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 400 and body_of(response)["error"] == "[" * 500
+
+
+def test_the_models_refusal_is_relayed_as_it_is_without_detail_of_the_functions_own(stub):
+    """The container words its refusals; the function adds nothing about where the endpoint runs."""
+    model_error(stub, 400, json.dumps({"error": "the image URL is not allowed"}))
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 400 and body_of(response) == {"error": "the image URL is not allowed"}
+
+
+def test_a_request_botocore_refuses_to_send_is_a_bug_of_the_function(monkeypatch, caplog):
+    """parse_event builds every parameter; one botocore refuses is the function's fault: 500 with
+    a traceback in the log, not 502 'could not be reached'."""
+    # botocore validates before sending; the closed local port keeps any slip off the network.
+    client = kennel_lambda._session.create_client("sagemaker-runtime", region_name="us-east-1",
+                                                  endpoint_url="http://127.0.0.1:9")
+    monkeypatch.setattr(kennel_lambda, "_client", client)
+    wrong_type = kennel_lambda_events.EndpointRequest(JPEG, 7, None, "image")  # type: ignore[arg-type]
+    monkeypatch.setattr(kennel_lambda, "parse_event", lambda _event: wrong_type)
+    with caplog.at_level("DEBUG", logger="kennel_lambda"):
+        response = kennel_lambda.handler({"image": "ignored"}, Context())
+    assert response["statusCode"] == 500 and body_of(response) == {"error": "internal error in the function"}
+    assert any(record.exc_info for record in caplog.records)

@@ -185,3 +185,109 @@ def test_bad_proxy_events_are_refused_with_the_reason(event, status, reason):
         parse_event(event)
     assert raised.value.status == status
     assert reason in str(raised.value)
+
+
+# -- malformed events: each is the caller's fault, never an exception of another kind -------------
+
+def direct_proxy(**fields) -> dict:
+    """A proxy event with a JSON body asking for URL, its fields replaced by the test's."""
+    return {**http_v2(json.dumps({"url": URL})), **fields}
+
+
+@pytest.mark.parametrize("top_k", [
+    "\u00b2", "\u0663", pytest.param("9" * 5000, id="5000-digit-string"), "1" * 5, 5.0, 2.5, True, False, -3, 0,
+    pytest.param(10 ** 5000, id="5000-digit-int"), None, [5], {"k": 5}, "", " ", "+5", "5e1", "0x5"])
+def test_top_k_that_is_not_a_small_ascii_whole_number_is_refused(top_k):
+    events = [{"url": URL, "top_k": top_k}]
+    if isinstance(top_k, str):  # a query string only ever holds text
+        events.append(http_v2(json.dumps({"url": URL}), query={"top_k": top_k}))
+    for event in events:
+        with pytest.raises(BadRequest) as raised:
+            parse_event(event)
+        assert raised.value.status == 400 and "top_k must be" in str(raised.value)
+
+
+@pytest.mark.parametrize("body, reason", [
+    pytest.param("[" * 100_000, "nested too deeply", id="open-arrays"),
+    pytest.param('{"url": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply", id="nested-url"),
+    pytest.param('{"url": "%s", "top_k": %s}' % (URL, "9" * 5000), "number", id="5000-digit-top_k"),
+    pytest.param('{"url": "%s", "other": %s}' % (URL, "9" * 4301), "number", id="4301-digit-field"),
+    pytest.param('{"url": "\ud800"}', "not valid", id="lone-surrogate-in-json"),
+    pytest.param("\ud800", "not valid", id="lone-surrogate-body"),
+])
+def test_json_bodies_python_cannot_read_are_refused(body, reason):
+    with pytest.raises(BadRequest) as raised:
+        parse_event(http_v2(body))
+    assert raised.value.status == 400 and reason in str(raised.value)
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"requestContext": "x"}, "requestContext"),
+    ({"requestContext": [1]}, "requestContext"),
+    ({"requestContext": 3}, "requestContext"),
+    ({"requestContext": None}, "requestContext"),
+    ({"requestContext": {"http": "x"}}, "requestContext"),
+    ({"requestContext": {"http": {"method": 5}}}, "method"),
+    ({"httpMethod": 5}, "method"),
+    ({"httpMethod": ["POST"]}, "method"),
+    ({"headers": ["content-type"]}, "headers"),
+    ({"headers": "content-type: application/json"}, "headers"),
+    ({"headers": {"content-type": 5}}, "headers"),
+    ({"headers": {"content-type": None}}, "headers"),
+    ({"headers": {5: "application/json"}}, "headers"),
+    ({"multiValueHeaders": "x"}, "multiValueHeaders"),
+    ({"multiValueHeaders": {"content-type": "application/json"}}, "multiValueHeaders"),
+    ({"multiValueHeaders": {"content-type": [5]}}, "multiValueHeaders"),
+    ({"multiValueHeaders": {"content-type": {"a": 1}}}, "multiValueHeaders"),
+    ({"multiValueHeaders": {5: ["x"]}}, "multiValueHeaders"),
+    ({"queryStringParameters": ["top_k"]}, "queryStringParameters"),
+    ({"queryStringParameters": "top_k=3"}, "queryStringParameters"),
+    ({"queryStringParameters": {"top_k": 3}}, "queryStringParameters"),
+    ({"multiValueQueryStringParameters": [1]}, "multiValueQueryStringParameters"),
+    ({"multiValueQueryStringParameters": {"top_k": "3"}}, "multiValueQueryStringParameters"),
+    ({"multiValueQueryStringParameters": {"top_k": [3]}}, "multiValueQueryStringParameters"),
+    ({"body": 5}, "body"),
+    ({"body": {"url": URL}}, "body"),
+    ({"isBase64Encoded": "false"}, "isBase64Encoded"),
+    ({"isBase64Encoded": 1}, "isBase64Encoded"),
+    ({"isBase64Encoded": 0}, "isBase64Encoded"),
+    ({"isBase64Encoded": True, "body": "!!!"}, "not valid base64"),
+    ({"isBase64Encoded": True, "body": "\u00e9t\u00e9"}, "not valid base64"),
+    ({"isBase64Encoded": True, "body": "\ud800"}, "not valid base64"),
+    ({"headers": {"content-type": "image/jpeg"}, "body": "\ud800"}, "binaryMediaTypes"),
+])
+def test_malformed_proxy_events_are_refused_naming_the_field(fields, reason):
+    with pytest.raises(BadRequest) as raised:
+        parse_event(direct_proxy(**fields))
+    assert raised.value.status == 400 and reason in str(raised.value)
+
+
+@pytest.mark.parametrize("event, status, reason", [
+    ({"image": b64(JPEG), "content_type": "image/" + "x" * 2000}, 400, "not a media type"),
+    ({"url": "https://example.com/\ud800.jpg"}, 400, "\"url\""),
+    ({"url": "http://example.com:99999/dog.jpg"}, 400, "\"url\""),
+    ({"url": "http://[::1/dog.jpg"}, 400, "\"url\""),
+])
+def test_fields_the_runtime_api_would_reject_are_refused_first(event, status, reason):
+    with pytest.raises(BadRequest) as raised:
+        parse_event(event)
+    assert raised.value.status == status and reason in str(raised.value)
+
+
+@pytest.mark.parametrize("event", [
+    pytest.param(http_v2(json.dumps({"url": URL}), method="X" * 100_000), id="method"),
+    pytest.param(http_v2("hello", content_type="text/" + "p" * 100_000), id="content-type-header"),
+    pytest.param({"image": b64(JPEG), "content_type": "j" * 100_000}, id="content_type-field"),
+])
+def test_a_refusal_quotes_at_most_a_short_part_of_what_was_sent(event):
+    with pytest.raises(BadRequest) as raised:
+        parse_event(event)
+    assert len(str(raised.value)) < 300
+
+
+def test_real_proxy_events_with_null_optional_fields_are_still_read():
+    """API Gateway REST sends null for absent headers and query strings."""
+    event = rest_v1(json.dumps({"url": URL}))
+    event.update(headers=None, multiValueHeaders=None, queryStringParameters=None,
+                 multiValueQueryStringParameters=None)
+    assert json.loads(parse_event(event).body) == {"url": URL}
