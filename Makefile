@@ -25,7 +25,7 @@ KENNEL_PRETRAINED_DIR ?=
 LAMBDA_ZIP ?= build/lambda.zip
 
 .PHONY: help setup venv build-ca test test-host images image-train image-serve train train-distributed sample data demo clean lambda-zip smoke
-.PHONY: loadtest serve bench-serve
+.PHONY: loadtest serve bench-serve bench-budget
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
@@ -68,6 +68,9 @@ serve: image-serve ## serve ./model on 127.0.0.1:8080 with docker compose (KENNE
 BENCH_SERVE_ARGS ?=
 bench-serve: venv image-serve ## serving benchmark: latency and throughput vs in-process and the original, cold start, size
 	$(PY) scripts/bench_serve.py --image $(SERVE_IMAGE) $(BENCH_SERVE_ARGS)
+
+bench-budget: venv ## request budget: memory and time of each hostile request on a worker's own path (ResNet-50)
+	$(PY) scripts/bench_budget.py
 
 train: image-train ## train with docker compose (KENNEL_DATA_DIR=path/to/dogImages; default: the bundled sample)
 	mkdir -p model output checkpoints
