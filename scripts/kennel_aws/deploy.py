@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = model.add_mutually_exclusive_group()
     source.add_argument("--model-data", help="s3://.../model.tar.gz")
     source.add_argument("--training-job", help="use this training job's model.tar.gz")
-    model.add_argument("--role-arn", help="execution role (default: NAME-endpoint, which deploy creates and keeps to the one model)")
+    model.add_argument("--role-arn",
+                       help="execution role (default: NAME-endpoint, which deploy keeps to reading the one model)")
     model.add_argument("--env", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="environment variable of the serving container (repeatable)")
     model.add_argument("--subnets", type=csv_list, metavar="ID[,ID]", help="run the endpoint in these VPC subnets")
@@ -105,7 +106,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise CliError("--instance-count must be at least 1")
 
 
-def endpoint_role(aws: Aws, args: argparse.Namespace, names: Names, endpoint: dict | None,
+def execution_role(aws: Aws, args: argparse.Namespace, names: Names, endpoint: dict | None,
                   container: dict) -> tuple[str, list[dict]]:
     """The model's execution role ARN, and the containers the endpoint serves with NAME-endpoint now.
 
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> None:
         raise CliError(f"endpoint {names.endpoint} is {endpoint['EndpointStatus']} "
                        f"({endpoint.get('FailureReason', 'no reason given')}): "
                        "delete it (aws.py teardown) and deploy again")
-    role_arn, serving = endpoint_role(aws, args, names, endpoint, container)
+    role_arn, serving = execution_role(aws, args, names, endpoint, container)
     model = model_request(aws, args, names, container, role_arn)
     config = config_request(aws, args, names, model["ModelName"])
     ensure_model(aws, model)

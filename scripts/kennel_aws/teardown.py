@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true", help="do not ask before deleting")
     parser.add_argument("--delete-images", action="store_true",
                         help="also delete the ECR repositories NAME-train and NAME-serve with every image")
-    parser.add_argument("--keep-roles", action="store_true", help="leave NAME-lambda, NAME-endpoint and NAME-sagemaker in place")
+    parser.add_argument("--keep-roles", action="store_true",
+                        help="leave NAME-lambda, NAME-endpoint and NAME-sagemaker in place")
     parser.add_argument("--poll-seconds", type=float, default=10.0, help="status poll interval (%(default)s)")
 
 
