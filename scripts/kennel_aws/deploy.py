@@ -107,7 +107,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def execution_role(aws: Aws, args: argparse.Namespace, names: Names, endpoint: dict | None,
-                  container: dict) -> tuple[str, list[dict]]:
+                   container: dict) -> tuple[str, list[dict]]:
     """The model's execution role ARN, and the containers the endpoint serves with NAME-endpoint now.
 
     NAME-endpoint is set to read the new container's artifact and, until the
