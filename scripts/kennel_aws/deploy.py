@@ -9,6 +9,12 @@ When auto-scaling is registered, the update keeps the current instance count.
 
 Model data: --model-data S3URI, or --training-job NAME, or by default the
 newest completed training job of this deployment (tuning trials included).
+
+The model runs with the role NAME-endpoint (see kennel_aws.endpoint_role),
+which deploy creates or updates: it may read the deployed model.tar.gz object
+and pull the serving image, nothing else in S3, so a compromised serving
+container cannot write the artifacts a later deploy loads. --role-arn runs the
+model with another role instead and leaves NAME-endpoint alone.
 """
 from __future__ import annotations
 
@@ -16,9 +22,11 @@ import argparse
 
 from kennel_aws.context import Aws, CliError, describe_or_none
 from kennel_aws.ecr import newest_image_uri
+from kennel_aws.endpoint_role import ensure_endpoint_role, planned_role_arn, role_not_ready, serving_containers
+from kennel_aws.iam import retry_while_propagating
 from kennel_aws.names import VARIANT, Names
 from kennel_aws.s3 import parse_s3_uri
-from kennel_aws.training import csv_list, key_value, resolve_role
+from kennel_aws.training import csv_list, key_value
 from kennel_aws.waiting import Poll, wait_for
 
 COMMAND = "deploy"
@@ -40,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = model.add_mutually_exclusive_group()
     source.add_argument("--model-data", help="s3://.../model.tar.gz")
     source.add_argument("--training-job", help="use this training job's model.tar.gz")
-    model.add_argument("--role-arn", help="execution role (default: NAME-sagemaker, made by the role command)")
+    model.add_argument("--role-arn",
+                       help="execution role (default: NAME-endpoint, which deploy keeps to reading the one model)")
     model.add_argument("--env", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="environment variable of the serving container (repeatable)")
     model.add_argument("--subnets", type=csv_list, metavar="ID[,ID]", help="run the endpoint in these VPC subnets")
@@ -89,14 +98,33 @@ def newest_completed_job(aws: Aws, names: Names) -> str:
     raise CliError(f"no completed training job named {names.base}-...: pass --model-data or --training-job")
 
 
-def model_request(aws: Aws, args: argparse.Namespace, names: Names) -> dict:
+def check_arguments(args: argparse.Namespace) -> None:
+    """Flag combinations argparse cannot check, refused before anything is created."""
     if bool(args.subnets) != bool(args.security_groups):
         raise CliError("--subnets and --security-groups go together")
-    image = args.image or newest_image_uri(aws, names.serve_repository)
-    container = {"Image": image, "ModelDataUrl": resolve_model_data(aws, args, names), "Mode": "SingleModel"}
+    if args.instance_count < 1:
+        raise CliError("--instance-count must be at least 1")
+
+
+def execution_role(aws: Aws, args: argparse.Namespace, names: Names, endpoint: dict | None,
+                   container: dict) -> tuple[str, list[dict]]:
+    """The model's execution role ARN, and the containers the endpoint serves with NAME-endpoint now.
+
+    NAME-endpoint is set to read the new container's artifact and, until the
+    endpoint has moved to it, the serving ones (see kennel_aws.endpoint_role).
+    """
+    if args.role_arn:
+        return args.role_arn, []
+    serving = serving_containers(aws, endpoint, planned_role_arn(aws, names))
+    arn = ensure_endpoint_role(aws, names, containers=[container, *serving], vpc=bool(args.subnets))
+    return arn, serving
+
+
+def model_request(aws: Aws, args: argparse.Namespace, names: Names, container: dict, role_arn: str) -> dict:
+    container = {**container, "Mode": "SingleModel"}
     if args.env:
         container["Environment"] = dict(args.env)
-    content = {"PrimaryContainer": container, "ExecutionRoleArn": resolve_role(aws, args, names),
+    content = {"PrimaryContainer": container, "ExecutionRoleArn": role_arn,
                "EnableNetworkIsolation": args.network_isolation}
     if args.subnets:
         content["VpcConfig"] = {"Subnets": args.subnets, "SecurityGroupIds": args.security_groups}
@@ -104,8 +132,6 @@ def model_request(aws: Aws, args: argparse.Namespace, names: Names) -> dict:
 
 
 def config_request(aws: Aws, args: argparse.Namespace, names: Names, model_name: str) -> dict:
-    if args.instance_count < 1:
-        raise CliError("--instance-count must be at least 1")
     variants = [{"VariantName": VARIANT, "ModelName": model_name, "InstanceType": args.instance_type,
                  "InitialInstanceCount": args.instance_count, "InitialVariantWeight": 1.0,
                  "ContainerStartupHealthCheckTimeoutInSeconds": args.startup_timeout}]
@@ -120,7 +146,8 @@ def ensure_model(aws: Aws, request: dict) -> None:
     if describe_or_none(aws.client("sagemaker").describe_model, ModelName=name):
         aws.console.note(f"model {name}: exists (same content)")
     else:
-        aws.send("sagemaker", "create_model", **request)
+        retry_while_propagating(lambda: aws.send("sagemaker", "create_model", **request), aws=aws,
+                                what=f"model {name}", is_propagation_error=role_not_ready)
         aws.changed(f"model {name}: created")
 
 
@@ -152,22 +179,26 @@ def refuse_instance_type_change(aws: Aws, current_config: str, instance_type: st
 def run(args: argparse.Namespace) -> None:
     aws = Aws.from_args(args)
     names = Names(args.name)
+    check_arguments(args)
     sagemaker = aws.client("sagemaker")
-    model = model_request(aws, args, names)
+    container = {"Image": args.image or newest_image_uri(aws, names.serve_repository),
+                 "ModelDataUrl": resolve_model_data(aws, args, names)}
+    endpoint = describe_or_none(sagemaker.describe_endpoint, EndpointName=names.endpoint)
+    if endpoint is not None and endpoint["EndpointStatus"] in FAILED:
+        raise CliError(f"endpoint {names.endpoint} is {endpoint['EndpointStatus']} "
+                       f"({endpoint.get('FailureReason', 'no reason given')}): "
+                       "delete it (aws.py teardown) and deploy again")
+    role_arn, serving = execution_role(aws, args, names, endpoint, container)
+    model = model_request(aws, args, names, container, role_arn)
     config = config_request(aws, args, names, model["ModelName"])
     ensure_model(aws, model)
     ensure_endpoint_config(aws, config)
-    endpoint = describe_or_none(sagemaker.describe_endpoint, EndpointName=names.endpoint)
     config_name = config["EndpointConfigName"]
     poll = Poll(interval_s=args.poll_seconds, timeout_s=args.wait_minutes * 60)
     if endpoint is None:
         aws.send("sagemaker", "create_endpoint", EndpointName=names.endpoint, EndpointConfigName=config_name,
                  Tags=aws.tag_list())
         aws.changed(f"endpoint {names.endpoint}: creating with {config_name}")
-    elif endpoint["EndpointStatus"] in FAILED:
-        raise CliError(f"endpoint {names.endpoint} is {endpoint['EndpointStatus']} "
-                       f"({endpoint.get('FailureReason', 'no reason given')}): "
-                       "delete it (aws.py teardown) and deploy again")
     elif endpoint["EndpointConfigName"] == config_name:
         aws.console.note(f"endpoint {names.endpoint}: already on {config_name}")
     else:
@@ -183,8 +214,15 @@ def run(args: argparse.Namespace) -> None:
     if not (aws.dry_run or args.no_wait):
         final = wait_in_service(aws, names, poll)
         if final["EndpointConfigName"] != config_name:
+            if serving and not args.role_arn:  # the old variant serves on: its instances read only its artifact
+                ensure_endpoint_role(aws, names, containers=serving, vpc=bool(args.subnets))
             raise CliError(f"endpoint {names.endpoint} rolled back to {final['EndpointConfigName']}: "
                            f"{final.get('FailureReason', 'the new variant did not become healthy')}")
+        if not args.role_arn and serving not in ([], [container]):
+            ensure_endpoint_role(aws, names, containers=[container], vpc=bool(args.subnets))
+    elif not args.role_arn and serving not in ([], [container]):
+        aws.console.note(f"role {names.endpoint_role}: also reads the serving model until the next deploy "
+                         "after the endpoint is InService")
     aws.console.result(f"endpoint {names.endpoint} {aws.arn('sagemaker', 'endpoint/' + names.endpoint.lower())}")
     aws.console.result(f"config {config_name}")
     aws.console.result(f"model {model['ModelName']}")

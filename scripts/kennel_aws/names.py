@@ -57,6 +57,10 @@ class Names:
         return f"{self.base}-sagemaker"
 
     @property
+    def endpoint_role(self) -> str:
+        return f"{self.base}-endpoint"
+
+    @property
     def endpoint(self) -> str:
         return self.base
 

@@ -1,5 +1,5 @@
-"""Create (or update) NAME-sagemaker: the execution role of training jobs, tuning
-jobs and the endpoint, with a least-privilege inline policy instead of
+"""Create (or update) NAME-sagemaker: the execution role of training and tuning
+jobs, with a least-privilege inline policy instead of
 AmazonSageMakerFullAccess:
 
   - read the S3 buckets given with --bucket (training data, pretrained weights);
@@ -10,7 +10,10 @@ AmazonSageMakerFullAccess:
   - with --vpc, the network-interface permissions a job or endpoint in a VPC needs.
 
 The trust policy lets only SageMaker assume it, only for this account. The
-train, tune and deploy commands use this role unless given --role-arn.
+train and tune commands use this role unless given --role-arn. The endpoint
+runs with a role of its own, NAME-endpoint, that deploy manages (it must not
+write where models live: see kennel_aws.endpoint_role); NAME-sagemaker keeps
+the NAME-serve pull and the VPC calls for a deploy given it with --role-arn.
 """
 from __future__ import annotations
 
@@ -91,5 +94,5 @@ def run(args: argparse.Namespace) -> None:
     output = args.output or default_output(args.bucket[0], names)
     arn, _ = ensure_role(aws, role_name=names.sagemaker_role, trust=trust_policy(aws),
                          policy_name=POLICY_NAME, policy=execution_policy(aws, names, args.bucket, output, args.vpc),
-                         description=f"kennel {names.base}: SageMaker training, tuning and endpoint execution role")
+                         description=f"kennel {names.base}: SageMaker training and tuning execution role")
     aws.console.result(arn)

@@ -4,8 +4,9 @@
   concurrency, alias `live` and function (all its versions); its role NAME-lambda
   and inline policies; the endpoint NAME (waiting until it is gone); this
   deployment's endpoint configs and models (name NAME-<digest> and tag
-  kennel:deployment=NAME); the execution role NAME-sagemaker (kept while a
-  training or tuning job of the deployment still runs); with
+  kennel:deployment=NAME); the endpoint's execution role NAME-endpoint; the
+  execution role NAME-sagemaker (kept while a training or tuning job of the
+  deployment still runs); with
   --delete-images, the ECR repositories NAME-train and NAME-serve and their images.
 
 It lists what it found and asks before deleting (unless --yes). It carries on
@@ -37,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true", help="do not ask before deleting")
     parser.add_argument("--delete-images", action="store_true",
                         help="also delete the ECR repositories NAME-train and NAME-serve with every image")
-    parser.add_argument("--keep-roles", action="store_true", help="leave NAME-lambda and NAME-sagemaker in place")
+    parser.add_argument("--keep-roles", action="store_true",
+                        help="leave NAME-lambda, NAME-endpoint and NAME-sagemaker in place")
     parser.add_argument("--poll-seconds", type=float, default=10.0, help="status poll interval (%(default)s)")
 
 
@@ -89,7 +91,7 @@ def plan(aws: Aws, names: Names, args: argparse.Namespace) -> tuple[list[Step], 
 
     if not args.keep_roles:
         running = running_jobs(aws, names)
-        for role in (names.lambda_role, names.sagemaker_role):
+        for role in (names.lambda_role, names.endpoint_role, names.sagemaker_role):
             if role == names.sagemaker_role and running:
                 aws.console.note(f"left: iam role {role}, in use by running jobs {', '.join(running)}")
                 continue
@@ -217,6 +219,6 @@ def report_left(aws: Aws, names: Names, args: argparse.Namespace) -> None:
     if not args.delete_images:
         left.append(f"ECR repositories {names.train_repository}, {names.serve_repository} (--delete-images)")
     if args.keep_roles:
-        left.append(f"IAM roles {names.lambda_role}, {names.sagemaker_role}")
+        left.append(f"IAM roles {names.lambda_role}, {names.endpoint_role}, {names.sagemaker_role}")
     for item in left:
         aws.console.note(f"left: {item}")

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.aws
 
 SERVE_URI = f"{ACCOUNT}.dkr.ecr.us-east-1.amazonaws.com/kennel-serve"
 ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/kennel-sagemaker"
+ENDPOINT_ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/kennel-endpoint"
 MODEL_DATA = f"s3://{BUCKET}/kennel/models/kennel-t1/output/model.tar.gz"
 RESOURCE_ID = "endpoint/kennel/variant/AllTraffic"
 DIMENSION = "sagemaker:variant:DesiredInstanceCount"
@@ -50,7 +51,7 @@ def test_deploy_creates_model_config_endpoint_then_changes_nothing(cli, moto, aw
     assert model["PrimaryContainer"]["Image"] == f"{SERVE_URI}:1.0.1-bbbbbbbbbbbb"
     assert model["PrimaryContainer"]["ModelDataUrl"] == MODEL_DATA
     assert model["PrimaryContainer"]["Environment"] == {"SAGEMAKER_MODEL_SERVER_WORKERS": "2"}
-    assert model["ExecutionRoleArn"] == ROLE_ARN
+    assert model["ExecutionRoleArn"] == ENDPOINT_ROLE_ARN
     for arn in (endpoint["EndpointArn"], config["EndpointConfigArn"], model["ModelArn"]):
         tags = {t["Key"]: t["Value"] for t in sagemaker.list_tags(ResourceArn=arn)["Tags"]}
         assert tags == {"team": "ml", "kennel:deployment": "kennel"}
@@ -75,16 +76,19 @@ def test_deploy_from_model_data_with_timeouts_and_instance_settings(cli, moto, a
     assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.c5.large", 2)
     assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 900
     assert variant["ModelDataDownloadTimeoutInSeconds"] == 300
-    assert moto.mutating() == ["SageMaker.CreateModel", "SageMaker.CreateEndpointConfig", "SageMaker.CreateEndpoint"]
+    assert moto.mutating() == ["iam:CreateRole", "iam:PutRolePolicy", "SageMaker.CreateModel",
+                               "SageMaker.CreateEndpointConfig", "SageMaker.CreateEndpoint"]
 
 
 def test_deploy_dry_run_sends_nothing(cli, moto, aws, trained, planned):
     status, out, err = cli("deploy", "--dry-run")
     assert status == 0, err
     assert moto.mutating() == []
-    assert [r["operation"] for r in planned(out)] == ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"]
+    assert [r["operation"] for r in planned(out)] == ["CreateRole", "PutRolePolicy", "CreateModel",
+                                                      "CreateEndpointConfig", "CreateEndpoint"]
     sagemaker = aws("sagemaker")
     assert sagemaker.list_models()["Models"] == [] and sagemaker.list_endpoints()["Endpoints"] == []
+    assert [role["RoleName"] for role in aws("iam").list_roles()["Roles"]] == ["kennel-sagemaker"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -144,14 +148,14 @@ def expected_names() -> tuple[str, str, list[dict]]:
 def stub_update(stubbers, *, scaled: bool, rolled_back: bool = False, current_type: str = "ml.m5.large") -> str:
     model, config, variants = expected_names()
     stub = stubbers["sagemaker"]
+    stub.add_response("describe_endpoint", endpoint_description("kennel-0000000000", "InService"),
+                      {"EndpointName": "kennel"})
     not_found(stub, "describe_model", "model")
     stub.add_response("create_model", {"ModelArn": f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:model/{model}"},
                       {"ModelName": model, **MODEL_CONTENT, "Tags": TAGS})
     not_found(stub, "describe_endpoint_config", "endpoint configuration")
     stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:::endpoint-config/x"},
                       {"EndpointConfigName": config, "ProductionVariants": variants, "Tags": TAGS})
-    stub.add_response("describe_endpoint", endpoint_description("kennel-0000000000", "InService"),
-                      {"EndpointName": "kennel"})
     targets = [{"ServiceNamespace": "sagemaker", "ResourceId": RESOURCE_ID, "ScalableDimension": DIMENSION,
                 "MinCapacity": 1, "MaxCapacity": 4, "RoleARN": "arn:aws:iam::1:role/x", "CreationTime": 0}]
     stubbers["application-autoscaling"].add_response(

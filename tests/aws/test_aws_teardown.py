@@ -46,7 +46,7 @@ def test_teardown_deletes_everything_then_finds_nothing(cli, moto, aws, stack, p
     assert status == 0, err
     assert out.splitlines() == [f"deleted {label}" for label in [
         *EVERYTHING, f"endpoint config {before['configs'][0]}", f"model {before['models'][0]}",
-        "iam role kennel-lambda", "iam role kennel-sagemaker"]]
+        "iam role kennel-lambda", "iam role kennel-endpoint", "iam role kennel-sagemaker"]]
     assert sagemaker_names(aws) == {"endpoints": [], "configs": [], "models": []}
     scaling = aws("application-autoscaling")
     assert scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
@@ -61,6 +61,7 @@ def test_teardown_deletes_everything_then_finds_nothing(cli, moto, aws, stack, p
     status, out, err = cli("teardown", "--yes")
     assert (status, out) == (0, "nothing to delete for deployment kennel\n"), err
     assert "absent: endpoint kennel" in err and "absent: iam role kennel-lambda" in err
+    assert "absent: iam role kennel-endpoint" in err
     assert moto.mutating() == []
 
 
@@ -69,7 +70,7 @@ def test_teardown_asks_and_a_non_interactive_stdin_deletes_nothing(cli, moto, aw
     monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # not a terminal: never read as consent
     status, out, err = cli("teardown")
     assert status == 1
-    assert err.splitlines()[-1] == "error: 10 resources to delete; not asking on a non-interactive stdin: pass --yes"
+    assert err.splitlines()[-1] == "error: 11 resources to delete; not asking on a non-interactive stdin: pass --yes"
     assert "  endpoint kennel" in err
     assert moto.mutating() == []
     assert sagemaker_names(aws)["endpoints"] == ["kennel"]
@@ -83,10 +84,11 @@ def test_teardown_dry_run_prints_the_deletions_and_sends_none(cli, moto, aws, st
     operations = [r["operation"] for r in planned(out)]
     assert operations == ["DeleteScalingPolicy", "DeregisterScalableTarget", "DeleteProvisionedConcurrencyConfig",
                           "DeleteAlias", "DeleteFunction", "DeleteEndpoint", "DeleteEndpointConfig", "DeleteModel",
-                          "DeleteRolePolicy", "DeleteRole", "DeleteRolePolicy", "DeleteRole",
+                          "DeleteRolePolicy", "DeleteRole", "DeleteRolePolicy", "DeleteRole", "DeleteRolePolicy",
+                          "DeleteRole",
                           "DeleteRepository", "DeleteRepository"]
     assert sagemaker_names(aws)["endpoints"] == ["kennel"]
-    assert len(aws("iam").list_roles()["Roles"]) == 2
+    assert len(aws("iam").list_roles()["Roles"]) == 3
 
 
 def test_teardown_leaves_other_deployments_alone(cli, moto, aws, stack, provisioned):
@@ -104,7 +106,7 @@ def test_teardown_leaves_other_deployments_alone(cli, moto, aws, stack, provisio
     assert len(remaining["configs"]) == 1 and remaining["configs"][0].startswith("kennel-b-")
     assert len(remaining["models"]) == 1 and remaining["models"][0].startswith("kennel-b-")
     assert set(remaining["configs"]) < set(other["configs"])
-    assert len(aws("iam").list_roles()["Roles"]) == 2  # --keep-roles
+    assert len(aws("iam").list_roles()["Roles"]) == 3  # --keep-roles
 
 
 def test_teardown_carries_on_past_a_failed_deletion(cli, moto, aws, stack, provisioned):
