@@ -143,6 +143,7 @@ class UrlFetcher:
         sock = self._connect(host, ip, port, deadline)
         watchdog: _Watchdog | None = None
         connection: http.client.HTTPConnection | None = None
+        response: http.client.HTTPResponse | None = None
         try:
             watchdog = _Watchdog(sock, deadline)
             sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -179,7 +180,9 @@ class UrlFetcher:
             raise self._failure(exc, host, ip, out_of_time) from None
         finally:
             if watchdog is not None:
-                watchdog.stop()  # before the socket closes, so the shutdown cannot come after
+                watchdog.stop()  # its duplicate descriptor would keep the connection open
+            if response is not None:
+                response.close()  # with Connection: close the response, not the connection, holds the socket
             if connection is not None:
                 connection.close()
             sock.close()
@@ -191,7 +194,7 @@ class UrlFetcher:
         if out_of_time or isinstance(exc, TimeoutError):
             return self._out_of_time()
         if isinstance(exc, ssl.SSLCertVerificationError):
-            return refused("the image server's TLS certificate is not valid for its host name")
+            return refused("the image server's TLS certificate could not be verified")
         if isinstance(exc, ssl.SSLError):
             return refused("the TLS handshake with the image server failed")
         if isinstance(exc, http.client.RemoteDisconnected):
