@@ -67,12 +67,24 @@ def test_refused_before_connecting(url, message):
     assert message in refusal(url)
 
 
-def test_every_resolved_address_must_be_public():
+def test_every_resolved_address_must_be_public(caplog):
     # A name that resolves to a public AND a private address (a rebinding setup) is refused.
+    caplog.set_level("INFO", logger="kennel_serve.url_fetch")
     message = refusal("https://dogs.example/a.jpg", mapping={"dogs.example": ["93.184.215.14", "10.0.0.7"]})
-    assert "dogs.example resolves to 10.0.0.7, a private address" in message
+    assert message.endswith("the URL's host resolves to a non-public address")
     message = refusal("http://metadata.example/", mapping={"metadata.example": ["169.254.169.254"]})
-    assert "the instance metadata service" in message
+    assert message.endswith("the URL's host resolves to a non-public address")
+    # What the names resolve to is for the operator's log, never for the caller.
+    assert "dogs.example resolves to 10.0.0.7, a private address" in caplog.text
+    assert "metadata.example resolves to 169.254.169.254, the instance metadata service" in caplog.text
+
+
+def test_what_private_names_resolve_to_stays_in_the_log(caplog):
+    # An endpoint in a VPC must not tell callers which private names exist where.
+    caplog.set_level("INFO", logger="kennel_serve.url_fetch")
+    message = refusal("http://db.corp.internal:5432/x", mapping={"db.corp.internal": ["10.1.2.3"]})
+    assert "10.1.2.3" not in message and "db.corp.internal" not in message and "private" not in message
+    assert "db.corp.internal resolves to 10.1.2.3, a private address" in caplog.text
 
 
 def test_allowlist_opens_networks_and_host_names_but_not_the_metadata_service(monkeypatch):
@@ -87,14 +99,14 @@ def test_allowlist_opens_networks_and_host_names_but_not_the_metadata_service(mo
                                                   ipaddress.ip_network("169.254.0.0/16")),
                                 allowed_hosts=("images.internal",))
     mapping = {"images.internal": ["172.18.0.4"], "cache.example": ["10.2.3.4"]}
-    assert "cannot connect to images.internal" in refusal("http://images.internal:8000/x.jpg", settings, mapping)
-    assert "cannot connect to cache.example" in refusal("http://cache.example/x.jpg", settings, mapping)
+    assert "could not connect to the image server" in refusal("http://images.internal:8000/x.jpg", settings, mapping)
+    assert "could not connect to the image server" in refusal("http://cache.example/x.jpg", settings, mapping)
     # The connection goes to the address that was checked, with the port of the URL.
     assert connected == [("172.18.0.4", 8000), ("10.2.3.4", 80)]
     # A range that happens to contain the metadata address does not open it.
     assert "metadata service" in refusal("http://169.254.169.254/", settings, mapping)
     exact = UrlFetchSettings(allowed_networks=(ipaddress.ip_network("169.254.169.254/32"),))
-    assert "cannot connect" in refusal("http://169.254.169.254/", exact)
+    assert "could not connect" in refusal("http://169.254.169.254/", exact)
 
 
 def test_fetching_can_be_turned_off():
