@@ -129,3 +129,34 @@ def test_top_k_orders_by_probability_and_names_breeds():
     assert [r["breed"] for r in result] == ["Afghan hound", "Airedale terrier"]
     assert result[0]["probability"] > result[1]["probability"]
     assert sum(r["probability"] for r in ka.top_k([0.1, 3.0, 1.0], names, k=10)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("mode, side, refused", [
+    ("RGB", 6000, False),   # 36 megapixels x 4 bytes: 137 MiB
+    ("L", 6000, False),     # 1 + 4 bytes a pixel: 172 MiB
+    ("RGBA", 6000, True),   # 4 + 4 bytes a pixel: 275 MiB
+    ("CMYK", 6000, True),
+    ("RGBA", 4000, False),  # 16 megapixels: 122 MiB
+])
+def test_what_decoding_needs_is_judged_from_the_header(mode, side, refused):
+    needed = ka.decoded_bytes(mode, side, side)
+    assert (needed > ka.DEFAULT_MAX_DECODE_BYTES) == refused
+
+
+def test_a_header_over_the_decode_budget_is_refused_before_decoding():
+    from kennel_load.bombs import png
+    with pytest.raises(ka.ImageError, match="MiB to decode"):
+        ka.decode_image(png(6000, 6000, colour_type=6))
+
+
+def test_the_size_check_runs_before_any_pixel_is_decoded():
+    from kennel_load.bombs import one_bit_bomb
+    seen = []
+
+    def refuse(width, height):
+        seen.append((width, height))
+        raise ka.ImageError("no")
+
+    with pytest.raises(ka.ImageError, match="no"):
+        ka.decode_image(one_bit_bomb(), check_size=refuse)
+    assert seen == [(6324, 6324)]

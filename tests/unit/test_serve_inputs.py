@@ -119,3 +119,70 @@ def test_too_many_images_is_refused_before_anything_is_fetched():
     body = "\n".join(json.dumps({"url": f"https://example.com/{i}.jpg"}) for i in range(5))
     error = error_of(body, "application/jsonlines", max_images=4)
     assert error.status_code == 400 and "5 images in one request, more than the limit of 4" in error.message
+
+
+def test_every_url_of_a_request_shares_one_deadline(tmp_path):
+    from kennel_serve.handler import KennelInferenceHandler
+    from kennel_serve.settings import ServeSettings
+
+    handler = KennelInferenceHandler(ServeSettings(model_dir=tmp_path))
+    deadlines = []
+
+    def fetch(url, deadline=None):
+        deadlines.append(deadline)
+        return JPEG
+
+    handler.fetcher.fetch = fetch
+    body = "\n".join(json.dumps({"url": f"https://example.com/{i}.jpg"}) for i in range(3))
+    assert len(handler.default_input_fn(body, "application/jsonlines")) == 3
+    first = deadlines[0]
+    assert first is not None and deadlines == [first] * 3
+    handler.default_input_fn(body, "application/jsonlines")
+    assert deadlines[3] > first  # the next request has a deadline of its own
+
+
+def test_a_request_over_its_pixel_budget_is_413_before_the_rest_is_decoded():
+    images = [encode(Image.new("L", (100, 100)), "PNG")] * 5
+    body = json.dumps({"images": [base64.b64encode(b).decode() for b in images]})
+    error = error_of(body, "application/json", max_request_pixels=25_000)
+    assert error.status_code == 413 and "KENNEL_MAX_REQUEST_PIXELS" in error.message
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "BLP", "PPM", "TGA", "PCX", "SGI", "DDS"])
+def test_only_the_documented_formats_are_decoded(fmt):
+    data = encode(Image.new("RGB" if fmt not in ("BLP",) else "P", (32, 32)), fmt)
+    error = error_of(data, "application/octet-stream")
+    assert error.status_code == 400 and "JPEG, PNG, WebP, GIF, BMP or TIFF" in error.message
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_the_documented_formats_are_decoded(fmt):
+    (image,) = decode(encode(Image.new("RGB", (32, 24), (9, 99, 199)), fmt), "application/octet-stream")
+    assert image.size == (32, 24) and image.mode == "RGB"
+
+
+def test_with_preprocessing_each_image_becomes_model_input():
+    import kennel_artifact
+    import numpy as np
+    body = json.dumps({"images": [base64.b64encode(JPEG).decode(), base64.b64encode(PNG).decode()]})
+    inputs = decode_request(body, "application/json", fetch_url=no_fetch, max_images=32, max_pixels=40_000_000,
+                            max_request_pixels=200_000_000, preprocessing=kennel_artifact.IMAGENET_EVAL)
+    expected = [kennel_artifact.IMAGENET_EVAL.apply(kennel_artifact.decode_image(data)) for data in (JPEG, PNG)]
+    assert len(inputs) == 2
+    for got, want in zip(inputs, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("size", [(2000, 1), (1, 40_000), (400_000, 1)])
+def test_an_aspect_ratio_the_resize_would_blow_up_is_refused_from_the_header(size):
+    import kennel_artifact
+    from kennel_load.bombs import png
+    with pytest.raises(RequestError) as caught:
+        decode_request(png(*size), "image/png", fetch_url=no_fetch, max_images=1, max_pixels=40_000_000,
+                       max_request_pixels=200_000_000, preprocessing=kennel_artifact.IMAGENET_EVAL)
+    assert caught.value.status_code == 400 and "aspect ratio" in caught.value.message
+
+
+def test_a_number_json_cannot_read_is_a_400():
+    error = error_of(b'{"image": "x", "n": ' + b"9" * 5000 + b"}", "application/json")
+    assert error.status_code == 400 and "number too long" in error.message

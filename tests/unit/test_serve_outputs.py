@@ -75,3 +75,10 @@ def test_bad_top_k_is_400(value):
     with pytest.raises(RequestError) as caught:
         render(PREDICTION, JSON, {"top_k": value}, default_k=5)
     assert caught.value.status_code == 400 and "top_k" in caught.value.message
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u2460", "\u0663", "9" * 5000, "0", "-1", "1.5", ""])
+def test_a_top_k_that_is_not_a_small_ascii_number_is_a_400(value):
+    with pytest.raises(RequestError) as caught:
+        render(PREDICTION, JSON, {"top_k": value}, default_k=2)
+    assert caught.value.status_code == 400 and len(caught.value.message) < 120

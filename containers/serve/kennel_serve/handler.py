@@ -7,6 +7,7 @@ takes the MMS context as an optional last argument, which the toolkit passes.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Sequence
 
@@ -58,7 +59,9 @@ class KennelInferenceHandler(DefaultInferenceHandler):
     def default_input_fn(self, input_data: Any, content_type: str,
                          context: Any = None) -> np.ndarray | list[Image.Image]:
         """The model's inputs, float32 [N, 3, H, W] (decoded RGB images when model_fn is the user's)."""
-        decoded = inputs.decode_request(input_data, content_type, fetch_url=self.fetcher.fetch,
+        # One deadline for every URL of the request, from its start.
+        fetch = functools.partial(self.fetcher.fetch, deadline=self.fetcher.request_deadline())
+        decoded = inputs.decode_request(input_data, content_type, fetch_url=fetch,
                                         max_images=self.settings.max_images, max_pixels=self.settings.max_pixels,
                                         max_request_pixels=self.settings.max_request_pixels,
                                         preprocessing=self.preprocessing)
