@@ -71,7 +71,7 @@ def test_warm_up_runs_both_sessions(resnet18_base, monkeypatch):
 
 
 def test_the_default_handler_asks_the_other_workers_busy_flags(resnet18_base, tmp_path, monkeypatch):
-    monkeypatch.setattr("kennel_serve.settings.available_cpus", lambda: 2)
+    monkeypatch.setattr("kennel_env.usable_cpus", lambda: 2)
     settings = ServeSettings.from_env({"KENNEL_SERVE_STATE_DIR": str(tmp_path)})
     assert (settings.workers, settings.ort_threads, settings.solo_threads) == (2, 1, 2)
     model = KennelInferenceHandler(settings).default_model_fn(str(Path(resnet18_base) / "model"))
@@ -93,7 +93,7 @@ def test_the_default_handler_asks_the_other_workers_busy_flags(resnet18_base, tm
 
 
 def test_explicit_engine_threads_turn_the_solo_session_off(tmp_path, monkeypatch):
-    monkeypatch.setattr("kennel_serve.settings.available_cpus", lambda: 4)
+    monkeypatch.setattr("kennel_env.usable_cpus", lambda: 4)
     assert ServeSettings.from_env({"KENNEL_ORT_THREADS": "1"}).solo_threads == 1
     assert ServeSettings.from_env({"SAGEMAKER_MODEL_SERVER_WORKERS": "2"}).solo_threads == 4
     assert ServeSettings.from_env({"KENNEL_ORT_SOLO_THREADS": "3"}).solo_threads == 3

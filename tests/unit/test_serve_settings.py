@@ -10,7 +10,7 @@ from kennel_serve.settings import MIB, ServeSettings, SettingsError
 
 @pytest.fixture
 def two_cpus(monkeypatch):
-    monkeypatch.setattr("kennel_serve.settings.available_cpus", lambda: 2)
+    monkeypatch.setattr("kennel_env.usable_cpus", lambda: 2)
 
 
 def test_defaults_follow_the_sagemaker_contract(two_cpus):
@@ -84,29 +84,6 @@ def test_bad_values_name_the_variable(two_cpus, env, message):
         ServeSettings.from_env(env)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
-
-
-def test_cpus_from_cgroup_v2_quota(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(8)))
-    (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert cpus.available_cpus(tmp_path) == 2  # 1.5 rounds up
-    (tmp_path / "cpu.max").write_text("100000 100000\n")
-    assert cpus.available_cpus(tmp_path) == 1
-    (tmp_path / "cpu.max").write_text("20000 100000\n")
-    assert cpus.available_cpus(tmp_path) == 1  # never zero
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert cpus.available_cpus(tmp_path) == 8
-
-
-def test_cpus_from_cgroup_v1_quota_and_cpuset(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 1, 2})
-    (tmp_path / "cpu").mkdir()
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
-    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert cpus.available_cpus(tmp_path) == 3  # the cpuset is smaller than the quota
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    assert cpus.available_cpus(tmp_path) == 3
-    assert cpus.available_cpus(tmp_path / "absent") == 3
 
 
 def test_worker_layout_fills_the_cpus_without_oversubscribing():

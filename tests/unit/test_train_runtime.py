@@ -15,31 +15,6 @@ from kennel_train import device, progress
 from kennel_train.failure import TrainingFailure
 
 
-@pytest.mark.parametrize(("files", "expected"), [
-    ({"cpu.max": "max 100000\n"}, None),
-    ({"cpu.max": "150000 100000\n"}, 1.5),
-    ({"cpu.max": "50000 100000\n"}, 0.5),
-    ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
-    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-    ({}, None),
-])
-def test_cgroup_quota_v2_and_v1(tmp_path, files, expected):
-    for name, content in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(content)
-    assert device.cgroup_cpu_limit(tmp_path) == expected
-
-
-def test_usable_cpus_is_the_affinity_capped_by_the_quota(tmp_path, monkeypatch):
-    monkeypatch.setattr(device.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 4, 5, 6, 7})
-    (tmp_path / "cpu.max").write_text("250000 100000\n")
-    assert device.usable_cpus(tmp_path) == 3  # 2.5 CPUs of quota: 3 threads, not 8
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert device.usable_cpus(tmp_path) == 8
-    (tmp_path / "cpu.max").write_text("10000 100000\n")
-    assert device.usable_cpus(tmp_path) == 1
-
-
 def test_bf16_is_chosen_on_the_cpu_only_with_bf16_hardware(tmp_path):
     (tmp_path / "avx2").write_text("flags\t\t: fpu sse avx2 fma\n")
     (tmp_path / "amx").write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")

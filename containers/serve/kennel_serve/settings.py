@@ -1,8 +1,11 @@
-"""Every serving setting, read once from the environment and validated.
+"""Every serving setting: one table (SETTINGS), read once from the environment and validated.
 
 SageMaker's own variables (SAGEMAKER_*) keep their meaning; KENNEL_* variables
-cover what the contract leaves open. A bad value is a SettingsError naming the
-variable, which `serve` prints as its one line before exiting.
+cover what the contract leaves open. SETTINGS is the only list of them: the
+reader below refuses a name that is not in it, compose.yaml passes through the
+ones marked ``compose`` and the serving docs' table is ``settings_table()``
+(tests/unit/test_settings_sources.py holds both to it). A bad value is a
+SettingsError naming the variable, which `serve` prints as its one line before exiting.
 """
 from __future__ import annotations
 
@@ -12,17 +15,84 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+import kennel_env
 from kennel_artifact import DEFAULT_MAX_PIXELS
 
-from kennel_serve.cpus import available_cpus, solo_threads, worker_layout
+from kennel_serve.cpus import solo_threads, worker_layout
 
 MIB = 1024 * 1024
 BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
 # Decoding time grows with pixels: 200 megapixels in all is five 40-megapixel photos,
 # or 32 phone pictures of 6 megapixels.
 DEFAULT_MAX_REQUEST_PIXELS = 200_000_000
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+DEFAULT_VMARGS = ("-XX:+UseContainerSupport -XX:MaxRAMPercentage=25 -XX:+ExitOnOutOfMemoryError "
+                  "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xmn16m")
+
+
+@dataclass(frozen=True)
+class EnvSetting:
+    name: str
+    default: str  # as the docs show it
+    meaning: str
+    compose: bool = True  # compose.yaml's serve service passes it through when set
+    read_by: str = "kennel"  # "toolkit": sagemaker-inference reads it itself
+
+
+SETTINGS: tuple[EnvSetting, ...] = (
+    EnvSetting("SAGEMAKER_MODEL_SERVER_WORKERS", "one per CPU", "model workers (processes), each with its own model copy"),
+    EnvSetting("KENNEL_ORT_THREADS", "CPUs / workers (1)",
+               "ONNX Runtime threads of a request while other workers are busy too"),
+    EnvSetting("KENNEL_ORT_SOLO_THREADS", "the CPUs; `KENNEL_ORT_THREADS` when that is set",
+               "ONNX Runtime threads of a request that runs while every other worker is idle"),
+    EnvSetting("SAGEMAKER_MAX_PAYLOAD_IN_MB", "6", "request body limit (413 above it)"),
+    EnvSetting("SAGEMAKER_MODEL_SERVER_TIMEOUT", "60", "seconds a worker may take for one request"),
+    EnvSetting("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", "unset",
+               "the same, under the name newer SageMaker containers use; wins when both are set"),
+    EnvSetting("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT", "`application/json`",
+               "the answer type for `Accept: */*` or none", read_by="toolkit"),
+    EnvSetting("SAGEMAKER_PROGRAM", "`inference.py`", "the module in `code/` that may override handlers",
+               read_by="toolkit"),
+    EnvSetting("SAGEMAKER_BIND_TO_PORT", "8080", "the port (MMS accepts ports below 32767)", compose=False),
+    EnvSetting("SAGEMAKER_MODEL_SERVER_VMARGS", f"`{DEFAULT_VMARGS}`",
+               "JVM flags for MMS; a value replaces all of the default's (the 16 MiB young generation keeps "
+               "memory flat under load)"),
+    EnvSetting("SAGEMAKER_BATCH", "false", "set by batch transform: the worker count follows the concurrency",
+               compose=False),
+    EnvSetting("SAGEMAKER_BATCH_STRATEGY", "`MULTI_RECORD`", "set by batch transform; answered on "
+               "`GET /execution-parameters`", compose=False),
+    EnvSetting("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", "the workers", "set by batch transform; answered on "
+               "`GET /execution-parameters`", compose=False),
+    EnvSetting("SAGEMAKER_MULTI_MODEL", "false", "`true` is refused: multi-model endpoints are not supported",
+               compose=False),
+    EnvSetting("KENNEL_TOP_K", "5", "k of the top-k answer"),
+    EnvSetting("KENNEL_MAX_IMAGES", "32", "images per request"),
+    EnvSetting("KENNEL_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS), "larger images are refused from their header"),
+    EnvSetting("KENNEL_MAX_REQUEST_PIXELS", str(DEFAULT_MAX_REQUEST_PIXELS),
+               "decoded pixels of all the images of one request (413 above it)"),
+    EnvSetting("KENNEL_URL_FETCH", "true", "`false`: no `{\"url\": ...}` requests"),
+    EnvSetting("KENNEL_URL_ALLOWLIST", "empty",
+               "comma-separated host names and CIDRs URL fetching may reach besides public addresses"),
+    EnvSetting("KENNEL_URL_CONNECT_TIMEOUT_S", "2", "seconds to connect to an image server"),
+    EnvSetting("KENNEL_URL_TIMEOUT_S", "5", "the one deadline of all the URLs of a request, every step included"),
+    EnvSetting("KENNEL_URL_MAX_BYTES", str(10 * MIB), "bytes per fetched image"),
+    EnvSetting("KENNEL_URL_MAX_REDIRECTS", "3", "redirects per URL, each checked like the first URL"),
+    EnvSetting("KENNEL_DRAIN_TIMEOUT_S", "20", "longest wait for in-flight requests on SIGTERM (at most 25)"),
+    EnvSetting("KENNEL_BIND_ADDRESS", "`0.0.0.0`", "the address MMS listens on", compose=False),
+    EnvSetting("KENNEL_SERVE_STATE_DIR", "`/tmp/kennel-serve`",
+               "the server's runtime files (MMS config, sockets, worker activity)", compose=False),
+    EnvSetting("KENNEL_MMS_PLUGINS", "`/opt/kennel/mms-plugins` (set by the image)",
+               "folder of the MMS plugin jar (`/ping`, `/execution-parameters`)", compose=False),
+    EnvSetting("SAGEMAKER_BASE_DIR", "`/opt/ml`", "the root of the SageMaker layout; the model is in `model/`",
+               compose=False),
+)
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+def settings_table() -> str:
+    """The markdown table of SETTINGS, as the serving docs show it."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{s.name}` | {s.default} | {s.meaning} |" for s in SETTINGS]
+    return "\n".join(rows) + "\n"
 
 
 class SettingsError(ValueError):
@@ -76,7 +146,7 @@ class ServeSettings:
         read = _Reader(env)
         if read.flag("SAGEMAKER_MULTI_MODEL", False):
             raise SettingsError("SAGEMAKER_MULTI_MODEL=true: multi-model endpoints are not supported by this image")
-        cpus = available_cpus()
+        cpus = kennel_env.usable_cpus()
         batch = read.flag("SAGEMAKER_BATCH", False)
         concurrent = read.integer("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", None, low=1)
         workers = read.integer("SAGEMAKER_MODEL_SERVER_WORKERS", None, low=1)
@@ -87,16 +157,16 @@ class ServeSettings:
         workers, threads = worker_layout(cpus, workers, explicit_threads)
         solo = solo_threads(cpus, threads, explicit_threads is not None,
                             read.integer("KENNEL_ORT_SOLO_THREADS", None, low=1, high=256))
-        strategy = env.get("SAGEMAKER_BATCH_STRATEGY", "MULTI_RECORD").strip().upper().replace("-", "_")
+        strategy = read.text("SAGEMAKER_BATCH_STRATEGY", "MULTI_RECORD").upper().replace("-", "_")
         if strategy not in BATCH_STRATEGIES:
             raise SettingsError(f"SAGEMAKER_BATCH_STRATEGY={strategy!r} must be one of {', '.join(BATCH_STRATEGIES)}")
-        networks, hosts = _allowlist(env.get("KENNEL_URL_ALLOWLIST", ""))
-        plugins = env.get("KENNEL_MMS_PLUGINS")
+        networks, hosts = _allowlist(read.text("KENNEL_URL_ALLOWLIST", ""))
+        plugins = read.text("KENNEL_MMS_PLUGINS", "")
         return cls(
-            model_dir=Path(env.get("SAGEMAKER_BASE_DIR", "/opt/ml")) / "model",
+            model_dir=Path(read.text("SAGEMAKER_BASE_DIR", "/opt/ml")) / "model",
             # multi-model-server refuses ports from 32767 up (it stores them in a Java short).
             port=read.integer("SAGEMAKER_BIND_TO_PORT", 8080, low=1, high=32766),
-            bind_address=env.get("KENNEL_BIND_ADDRESS", "0.0.0.0"),
+            bind_address=read.text("KENNEL_BIND_ADDRESS", "0.0.0.0"),
             cpus=cpus,
             workers=workers,
             ort_threads=threads,
@@ -112,9 +182,9 @@ class ServeSettings:
             batch_strategy=strategy,
             max_concurrent_transforms=concurrent or workers,
             drain_timeout_s=read.number("KENNEL_DRAIN_TIMEOUT_S", 20.0, low=0, high=25),
-            state_dir=Path(env.get("KENNEL_SERVE_STATE_DIR", "/tmp/kennel-serve")),
+            state_dir=Path(read.text("KENNEL_SERVE_STATE_DIR", "/tmp/kennel-serve")),
             mms_plugins=Path(plugins) if plugins else None,
-            vmargs=env.get("SAGEMAKER_MODEL_SERVER_VMARGS", ""),
+            vmargs=read.text("SAGEMAKER_MODEL_SERVER_VMARGS", ""),
             url=UrlFetchSettings(
                 enabled=read.flag("KENNEL_URL_FETCH", True),
                 allowed_networks=networks,
@@ -134,12 +204,20 @@ class ServeSettings:
 
 
 class _Reader:
+    """Reads the variables of SETTINGS, and only those: a name missing from the table is a bug."""
+
     def __init__(self, env: Mapping[str, str]):
         self._env = env
 
     def _raw(self, name: str) -> str | None:
+        if name not in SETTINGS_BY_NAME:
+            raise KeyError(f"{name} is not in kennel_serve.settings.SETTINGS")
         value = self._env.get(name)
         return None if value is None or not value.strip() else value.strip()
+
+    def text(self, name: str, default: str) -> str:
+        raw = self._raw(name)
+        return default if raw is None else raw
 
     def integer(self, name: str, default: int | None, low: int | None = None, high: int | None = None) -> int | None:
         raw = self._raw(name)
@@ -162,14 +240,14 @@ class _Reader:
         return _in_range(name, value, low, high)
 
     def flag(self, name: str, default: bool) -> bool:
-        raw = self._env.get(name)
+        raw = self._raw(name)
         if raw is None:
             return default
-        if raw.strip().lower() in _TRUE:
-            return True
-        if raw.strip().lower() in _FALSE:
-            return False
-        raise SettingsError(f"{name}={raw!r} must be true or false")
+        try:
+            return kennel_env.parse_bool(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} must be true or false ({'/'.join(kennel_env.TRUE_WORDS)} or "
+                                f"{'/'.join(kennel_env.FALSE_WORDS)})") from None
 
 
 def _in_range(name, value, low, high):

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import kennel_env
+
 from .failure import TrainingFailure
 
 BASE_DIR_ENV = "SAGEMAKER_BASE_DIR"
@@ -148,12 +150,10 @@ def _number(text: str) -> Any:
 
 
 def _boolean(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    words = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-    if isinstance(value, (str, int)) and str(value).strip().lower() in words:
-        return words[str(value).strip().lower()]
-    raise _Invalid("expected true or false")
+    try:
+        return kennel_env.parse_bool(value)
+    except ValueError as error:
+        raise _Invalid(str(error)) from None
 
 
 def _choice(choices: Sequence[str]) -> Callable[[Any], str]:
@@ -217,6 +217,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("keep_checkpoints", 2, _integer(1, 1000), "end-of-epoch checkpoints kept (older ones are deleted)"),
 )
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+def settings_table() -> str:
+    """The markdown table of SETTINGS, as the training docs show it (tests/unit/test_settings_sources.py)."""
+    rows = ["| hyperparameter | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for setting in SETTINGS:
+        default = "auto" if setting.default is None else json.dumps(setting.default)
+        rows.append(f"| `{setting.name}` | `{setting.env}` | `{default}` | {setting.help} |")
+    return "\n".join(rows) + "\n"
 
 
 @dataclass(frozen=True)

@@ -8,45 +8,15 @@ core count, which would oversubscribe a limited container.
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from kennel_env import usable_cpus
 
 from .failure import TrainingFailure
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPUs allowed by the cgroup quota (v2 cpu.max, else v1 cfs quota/period); None when unlimited."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        if quota != "max":
-            return int(quota) / int(period)
-        return None
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return quota / period if quota > 0 and period > 0 else None
-    except (OSError, ValueError):
-        return None
-
-
-def usable_cpus(root: Path = Path("/sys/fs/cgroup")) -> int:
-    """The CPUs this process may really use: the affinity mask, capped by the cgroup quota."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    limit = cgroup_cpu_limit(root)
-    if limit is not None:
-        cpus = min(cpus, max(1, math.ceil(limit)))
-    return max(1, cpus)
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
