@@ -11,7 +11,10 @@ def main(argv: list[str]) -> int:
         from kennel_serve import launcher
         return launcher.main()
     if argv[:1] in (["-h"], ["--help"], ["help"]):
-        print(USAGE)
+        from kennel_serve.settings import SETTINGS
+        print(USAGE + "\n\nsettings (environment variables; docs/serving.md, Settings):")
+        for setting in SETTINGS:
+            print(f"  {setting.name:<40} {setting.default.replace('`', '')}: {setting.meaning.replace('`', '')}")
         return 0
     print(f"kennel-serve: unknown command {' '.join(argv)!r}; {USAGE}", file=sys.stderr)
     return 2

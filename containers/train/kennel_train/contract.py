@@ -190,30 +190,34 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("architecture", "resnet50", _choice(ARCHITECTURES), "torchvision ResNet: " + ", ".join(ARCHITECTURES)),
+    Setting("architecture", "resnet50", _choice(ARCHITECTURES),
+            ", ".join(f"`{name}`" for name in ARCHITECTURES) + " (torchvision)"),
     Setting("head", "original", _choice(HEADS),
-            "classifier head: original = Linear(features, 128), ReLU, Linear(128, classes); linear = one Linear"),
+            "`original`: Linear(features, 128), ReLU, Linear(128, classes); `linear`: one Linear"),
     Setting("freeze_backbone", True, _boolean,
-            "true: train the head only (the original); false: also fine-tune the last stage (layer4)"),
+            "`true`: train the head only (the original); `false`: also fine-tune the last stage (layer4)"),
     Setting("pretrained", True, _boolean,
-            "start from ImageNet weights (the 'pretrained' channel or the torch hub cache; never downloaded)"),
-    Setting("epochs", 5, _integer(1, 10_000), "passes over the training split"),
-    Setting("batch_size", 64, _integer(1, 4096), "images per step"),
-    Setting("learning_rate", 0.001, _real(0.0, 10.0, low_open=True), "optimizer step size"),
-    Setting("optimizer", "adam", _choice(OPTIMIZERS), ", ".join(OPTIMIZERS)),
-    Setting("momentum", 0.9, _real(0.0, 1.0), "SGD momentum (sgd only)"),
-    Setting("weight_decay", 0.0, _real(0.0, 1.0), "L2 penalty (decoupled for adamw)"),
+            "ImageNet weights from the `pretrained` channel or the torch hub cache; never downloaded"),
+    Setting("epochs", 5, _integer(1, 10_000), "passes over the training split: 1-10000"),
+    Setting("batch_size", 64, _integer(1, 4096), "images per step: 1-4096 (the original tuned 32-512)"),
+    Setting("learning_rate", 0.001, _real(0.0, 10.0, low_open=True),
+            "optimizer step size: above 0, up to 10 (the original tuned 0.001-0.1)"),
+    Setting("optimizer", "adam", _choice(OPTIMIZERS), "`adam` (the original), `adamw`, `sgd`"),
+    Setting("momentum", 0.9, _real(0.0, 1.0), "SGD momentum: 0-1, `sgd` only"),
+    Setting("weight_decay", 0.0, _real(0.0, 1.0), "L2 penalty (decoupled for `adamw`): 0-1"),
     Setting("seed", 0, _integer(0, 2**32 - 1), "seed for weights, shuffling and augmentation"),
     Setting("workers", None, _workers,
-            "data loader processes decoding images: auto (one per usable CPU, at most 8) or a count"),
+            "data loader processes decoding images: `auto` (one per usable CPU, at most 8) or a count"),
     Setting("mixed_precision", "auto", _choice(PRECISIONS),
-            "auto: bf16 or fp16 on CUDA, bf16 on CPUs with native bf16, else fp32"),
-    Setting("device", "auto", _choice(DEVICES), "auto: CUDA when present, else CPU"),
+            "`fp32`, `bf16`, `fp16` (CUDA only); `auto`: bf16 on GPUs that have it else fp16, bf16 on CPUs "
+            "with bf16 hardware (AVX512-BF16, AMX), else fp32"),
+    Setting("device", "auto", _choice(DEVICES), "`cpu`, `cuda`; `auto`: CUDA when a GPU is visible"),
     Setting("backbone_engine", "auto", _choice(BACKBONE_ENGINES),
-            "what runs the frozen layers: auto = onnxruntime on the CPU in fp32, else torch"),
+            "what runs the frozen layers: `torch`, `onnxruntime`; `auto`: ONNX Runtime on the CPU in fp32, "
+            "else torch"),
     Setting("progress_interval", 20, _integer(1, 1_000_000), "steps between progress lines"),
     Setting("max_unreadable_fraction", 0.01, _real(0.0, 1.0),
-            "fail when more than this fraction of a split's images cannot be read (they are skipped and counted)"),
+            "unreadable images are skipped and counted; more than this fraction of a split fails the job"),
     Setting("keep_checkpoints", 2, _integer(1, 1000), "end-of-epoch checkpoints kept (older ones are deleted)"),
 )
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -221,7 +225,7 @@ SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 def settings_table() -> str:
     """The markdown table of SETTINGS, as the training docs show it (tests/unit/test_settings_sources.py)."""
-    rows = ["| hyperparameter | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    rows = ["| setting | environment | default | values |", "| --- | --- | --- | --- |"]
     for setting in SETTINGS:
         default = "auto" if setting.default is None else json.dumps(setting.default)
         rows.append(f"| `{setting.name}` | `{setting.env}` | `{default}` | {setting.help} |")
