@@ -153,11 +153,11 @@ def _record_sources(record: Any, where: str, fetch_url: Callable[[str], bytes]) 
 
 
 def _base64_loader(value: Any, where: str) -> Callable[[], bytes]:
-    data = _base64(value, where)  # decoded now: a bad string is reported before any URL is fetched
+    data = _decode_base64(value, where)  # decoded now: a bad string is reported before any URL is fetched
     return lambda: data
 
 
-def _base64(value: Any, where: str) -> bytes:
+def _decode_base64(value: Any, where: str) -> bytes:
     if not isinstance(value, str) or not value:
         raise bad_request(f"{where} must be a non-empty base64 string")
     if value.startswith("data:"):

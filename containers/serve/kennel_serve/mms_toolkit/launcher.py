@@ -19,7 +19,7 @@ toolkit's start_model_server:
   the state dir (--target), put on the workers' PYTHONPATH.
 - With a model that cannot load, MMS still binds its port and the endpoint goes
   InService, then fails every request. Here any problem is ONE line on stderr and
-  exit 1, before a port is bound (check_model).
+  exit 1, before a port is bound (check_model_serves).
 
 Proved by: tests/contract/test_serve_lifecycle.py::test_restart_finds_no_stale_state,
 tests/unit/test_serve_launcher.py::test_reset_state_dir_removes_what_a_killed_server_left,
@@ -49,7 +49,7 @@ class ServeError(Exception):
     """A reason not to serve, printed as the one line `serve` ends with."""
 
 
-def one_line(exc: BaseException) -> str:
+def exception_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if text else type(exc).__name__
 
@@ -73,7 +73,7 @@ def install_requirements(code_dir: Path, target: Path) -> Path | None:
     return target
 
 
-def check_model(settings: ServeSettings) -> None:
+def check_model_serves(settings: ServeSettings) -> None:
     """Load the model through the serving handlers and warm it up, or raise ServeError."""
     # Both import ONNX Runtime: only after the settings were checked.
     from kennel_serve.mms_toolkit.transformer import KennelTransformer
@@ -86,7 +86,7 @@ def check_model(settings: ServeSettings) -> None:
     try:
         transformer.validate_and_initialize(model_dir=str(settings.model_dir))
     except Exception as exc:
-        raise ServeError(f"cannot serve {settings.model_dir}: {one_line(exc)}") from None
+        raise ServeError(f"cannot serve {settings.model_dir}: {exception_line(exc)}") from None
     del transformer
     gc.collect()
 
@@ -94,7 +94,7 @@ def check_model(settings: ServeSettings) -> None:
 def main() -> int:
     started = time.monotonic()
     logging.basicConfig(level=logging.WARNING, format="kennel-serve: %(message)s", stream=sys.stderr)
-    stop = supervisor.StopRequest()
+    stop = supervisor.StopSignals()
     try:
         settings = ServeSettings.from_env(os.environ)
         if settings.mms_plugins is None or not (settings.mms_plugins / mms_config.PLUGIN_JAR).is_file():
@@ -109,7 +109,7 @@ def main() -> int:
                                           install_requirements(code_dir, settings.state_dir / "packages"))
                         if path is not None]
         sys.path[:0] = [str(path) for path in python_paths]
-        check_model(settings)
+        check_model_serves(settings)
     except (SettingsError, ServeError) as exc:
         print(f"kennel-serve: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -41,7 +41,7 @@ log = logging.getLogger("kennel_serve")
 STOP_GRACE_S = 3.0  # per signal; with the drain timeout (<= 25 s) well inside SageMaker's 30 s
 
 
-class StopRequest:
+class StopSignals:
     """SIGTERM (SageMaker, docker stop) and SIGINT (Ctrl-C) ask for a drained stop."""
 
     def __init__(self) -> None:
@@ -97,7 +97,7 @@ def stop_mms(process: subprocess.Popen) -> None:
             time.sleep(0.02)
 
 
-def supervise(process: subprocess.Popen, settings: ServeSettings, stop: StopRequest, started: float) -> int:
+def supervise(process: subprocess.Popen, settings: ServeSettings, stop: StopSignals, started: float) -> int:
     """Until a stop request, a failed worker or MMS exiting; the exit code serve ends with."""
     ready = False
     while True:
