@@ -2,7 +2,7 @@
 
 KennelModel keeps a session of ``threads`` and, when ``solo_threads`` is larger, a
 second one; each request runs on the solo session only while every other worker is
-idle (the workers' busy flags in the state dir, kennel_serve.activity).
+idle (the workers' busy flags in the state dir, kennel_serve.mms_toolkit.activity).
 """
 import os
 import subprocess
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kennel_serve.activity import WORKERS_DIR
+from kennel_serve.mms_toolkit.activity import WORKERS_DIR
 from kennel_serve.engine import KennelModel
-from kennel_serve.handler import KennelInferenceHandler
+from kennel_serve.request_path import KennelInferenceHandler
 from kennel_serve.settings import ServeSettings
 from serve_support import resnet18_base  # noqa: F401  (fixture)
 

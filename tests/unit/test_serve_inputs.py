@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from kennel_serve.errors import RequestError
+from kennel_serve.mms_toolkit.errors import RequestError
 from kennel_serve.inputs import decode_request, parse_media_type
 
 
@@ -122,7 +122,7 @@ def test_too_many_images_is_refused_before_anything_is_fetched():
 
 
 def test_every_url_of_a_request_shares_one_deadline(tmp_path):
-    from kennel_serve.handler import KennelInferenceHandler
+    from kennel_serve.request_path import KennelInferenceHandler
     from kennel_serve.settings import ServeSettings
 
     handler = KennelInferenceHandler(ServeSettings(model_dir=tmp_path))

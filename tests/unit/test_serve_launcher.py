@@ -1,8 +1,9 @@
-"""What the launcher hands to MMS: its configuration and environment."""
+"""What the launcher hands to MMS: its configuration, environment and handler module."""
+import importlib
 import json
 from pathlib import Path
 
-from kennel_serve import launcher
+from kennel_serve.mms_toolkit import launcher, mms_config
 from kennel_serve.settings import ServeSettings
 
 
@@ -15,9 +16,9 @@ def settings(**env) -> ServeSettings:
 
 
 def test_mms_configuration_works_around_the_toolkit_defaults():
-    config = properties(launcher.mms_properties(settings(SAGEMAKER_MODEL_SERVER_WORKERS="3",
-                                                         SAGEMAKER_MODEL_SERVER_TIMEOUT="45")))
-    assert config["default_service_handler"] == "kennel_serve.handler_service"
+    config = properties(mms_config.mms_properties(settings(SAGEMAKER_MODEL_SERVER_WORKERS="3",
+                                                           SAGEMAKER_MODEL_SERVER_TIMEOUT="45")))
+    assert config["default_service_handler"] == "kennel_serve.mms_toolkit.handler_service"
     assert config["default_workers_per_model"] == "3"
     # The toolkit's default_response_timeout is read by MMS as minutes: seconds are written instead.
     assert config["default_response_timeout_seconds"] == "45" and "default_response_timeout" not in config
@@ -27,12 +28,24 @@ def test_mms_configuration_works_around_the_toolkit_defaults():
     assert config["plugins_path"] == "/opt/p"
     # Bodies a little over the limit reach the handler (JSON 413); 6 MiB limit -> 12 MiB for MMS.
     assert int(config["max_request_size"]) == 2 * 6 * 1024 * 1024
+    assert config["preload_model"] == "true"
+    assert mms_config.LOG_CONFIG.is_file()
+
+
+def test_the_handler_module_is_one_class_as_mms_requires():
+    from mms.model_loader import ModelLoader
+
+    # MMS's loader refuses a handler module that defines more (or fewer) than one class.
+    module = importlib.import_module(mms_config.HANDLER_SERVICE)
+    (service,) = ModelLoader.list_model_services(module)
+    assert service is module.HandlerService
+    assert callable(service.handle) and callable(service.initialize)
 
 
 def test_explicit_settings_reach_mms():
-    config = properties(launcher.mms_properties(settings(SAGEMAKER_BIND_TO_PORT="9090", KENNEL_BIND_ADDRESS="127.0.0.1",
-                                                         SAGEMAKER_MODEL_SERVER_VMARGS="-Xmx512m",
-                                                         SAGEMAKER_MAX_PAYLOAD_IN_MB="20")))
+    config = properties(mms_config.mms_properties(settings(SAGEMAKER_BIND_TO_PORT="9090", KENNEL_BIND_ADDRESS="127.0.0.1",
+                                                           SAGEMAKER_MODEL_SERVER_VMARGS="-Xmx512m",
+                                                           SAGEMAKER_MAX_PAYLOAD_IN_MB="20")))
     assert config["inference_address"] == "http://127.0.0.1:9090"
     assert config["vmargs"] == "-Xmx512m"
     assert int(config["max_request_size"]) == 40 * 1024 * 1024
@@ -40,8 +53,8 @@ def test_explicit_settings_reach_mms():
 
 def test_mms_environment(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/opt/kennel/lib")
-    env = launcher.mms_environment(settings(SAGEMAKER_MODEL_SERVER_WORKERS="1", KENNEL_ORT_THREADS="2"),
-                                   [Path("/opt/ml/model/code"), Path("/tmp/ks-unit/packages")])
+    env = mms_config.mms_environment(settings(SAGEMAKER_MODEL_SERVER_WORKERS="1", KENNEL_ORT_THREADS="2"),
+                                     [Path("/opt/ml/model/code"), Path("/tmp/ks-unit/packages")])
     assert env["PYTHONPATH"] == "/opt/ml/model/code:/tmp/ks-unit/packages:/opt/kennel/lib"
     assert (env["SAGEMAKER_MODEL_SERVER_WORKERS"], env["KENNEL_ORT_THREADS"], env["KENNEL_ORT_SOLO_THREADS"]) == ("1", "2", "2")
     # MMS's pid file and sockets go to the state dir, which every start resets.

@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from kennel_serve.errors import RequestError
+from kennel_serve.mms_toolkit.errors import RequestError
 from kennel_serve.settings import UrlFetchSettings
 from kennel_serve.url_fetch import UrlFetcher
 

@@ -5,7 +5,7 @@ import socket
 import pytest
 
 from kennel_serve import url_fetch
-from kennel_serve.errors import RequestError
+from kennel_serve.mms_toolkit.errors import RequestError
 from kennel_serve.settings import UrlFetchSettings
 from kennel_serve.url_fetch import UrlFetcher, address_problem
 

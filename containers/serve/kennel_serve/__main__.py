@@ -8,7 +8,7 @@ USAGE = "usage: python -m kennel_serve serve   (the SageMaker inference contract
 
 def main(argv: list[str]) -> int:
     if argv[:1] in ([], ["serve"]) and len(argv) <= 1:
-        from kennel_serve import launcher
+        from kennel_serve.mms_toolkit import launcher
         return launcher.main()
     if argv[:1] in (["-h"], ["--help"], ["help"]):
         from kennel_serve.settings import SETTINGS

@@ -21,13 +21,13 @@ from typing import Any, Callable
 
 from kennel_artifact import ImageError, Preprocessing, decode_image
 
-from kennel_serve.errors import bad_request, payload_too_large, unsupported_media_type
+from kennel_serve.mms_toolkit.errors import bad_request, payload_too_large, unsupported_media_type
 
-JSON = "application/json"
-JSONLINES = ("application/jsonlines", "application/jsonl", "application/x-jsonlines")
-RAW_IMAGE = ("application/x-image", "application/octet-stream")
-SUPPORTED = "image/jpeg, image/png (any image/*), application/x-image, application/octet-stream, " \
-            "application/json, application/jsonlines"
+JSON_CONTENT_TYPE = "application/json"
+JSONLINES_CONTENT_TYPES = ("application/jsonlines", "application/jsonl", "application/x-jsonlines")
+RAW_IMAGE_CONTENT_TYPES = ("application/x-image", "application/octet-stream")
+SUPPORTED_CONTENT_TYPES_TEXT = ("image/jpeg, image/png (any image/*), application/x-image, "
+                                "application/octet-stream, application/json, application/jsonlines")
 RECORD_FIELDS = ("url", "image", "images")
 
 
@@ -45,7 +45,7 @@ def parse_media_type(header: str | None) -> tuple[str, dict[str, str]]:
 
 
 def is_raw_image(media_type: str) -> bool:
-    return media_type.startswith("image/") or media_type in RAW_IMAGE
+    return media_type.startswith("image/") or media_type in RAW_IMAGE_CONTENT_TYPES
 
 
 def decode_request(body: bytes | bytearray | str | None, content_type: str | None, *,
@@ -62,15 +62,16 @@ def decode_request(body: bytes | bytearray | str | None, content_type: str | Non
     """
     media_type, _ = parse_media_type(content_type)
     if not media_type:
-        raise unsupported_media_type(f"the request has no Content-Type; send one of: {SUPPORTED}")
-    if not (is_raw_image(media_type) or media_type == JSON or media_type in JSONLINES):
-        raise unsupported_media_type(f"Content-Type {media_type!r} is not supported; send one of: {SUPPORTED}")
+        raise unsupported_media_type(f"the request has no Content-Type; send one of: {SUPPORTED_CONTENT_TYPES_TEXT}")
+    if not (is_raw_image(media_type) or media_type == JSON_CONTENT_TYPE or media_type in JSONLINES_CONTENT_TYPES):
+        raise unsupported_media_type(f"Content-Type {media_type!r} is not supported; "
+                                     f"send one of: {SUPPORTED_CONTENT_TYPES_TEXT}")
     if body is None or len(body) == 0:
         raise bad_request("the request body is empty")
     if is_raw_image(media_type):
         raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
         blobs: list[tuple[str, Callable[[], bytes]]] = [("the image", lambda: raw)]
-    elif media_type == JSON:
+    elif media_type == JSON_CONTENT_TYPE:
         blobs = _record_sources(_parse_json(body, "the JSON body"), "the JSON body", fetch_url)
     else:
         blobs = []
@@ -152,11 +153,11 @@ def _record_sources(record: Any, where: str, fetch_url: Callable[[str], bytes]) 
 
 
 def _base64_loader(value: Any, where: str) -> Callable[[], bytes]:
-    data = _base64(value, where)  # decoded now: a bad string is reported before any URL is fetched
+    data = _decode_base64(value, where)  # decoded now: a bad string is reported before any URL is fetched
     return lambda: data
 
 
-def _base64(value: Any, where: str) -> bytes:
+def _decode_base64(value: Any, where: str) -> bytes:
     if not isinstance(value, str) or not value:
         raise bad_request(f"{where} must be a non-empty base64 string")
     if value.startswith("data:"):

@@ -23,16 +23,16 @@ import numpy as np
 
 import kennel_artifact
 
-from kennel_serve.errors import bad_request, not_acceptable
 from kennel_serve.inputs import parse_media_type
+from kennel_serve.mms_toolkit.errors import bad_request, not_acceptable
 
-JSON = "application/json"
-TOPK_JSON = "application/vnd.kennel.topk+json"
-JSONLINES = "application/jsonlines"
-_ALIASES = {"application/jsonl": JSONLINES, "application/x-jsonlines": JSONLINES}
-SUPPORTED = (JSON, TOPK_JSON, JSONLINES)
-CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
-_TOP_K = re.compile(r"[0-9]{1,6}")
+JSON_ANSWER_TYPE = "application/json"
+TOPK_ANSWER_TYPE = "application/vnd.kennel.topk+json"
+JSONLINES_ANSWER_TYPE = "application/jsonlines"
+_ACCEPT_ALIASES = {"application/jsonl": JSONLINES_ANSWER_TYPE, "application/x-jsonlines": JSONLINES_ANSWER_TYPE}
+ANSWER_TYPES = (JSON_ANSWER_TYPE, TOPK_ANSWER_TYPE, JSONLINES_ANSWER_TYPE)
+CUSTOM_ATTRIBUTES_HEADER = "x-amzn-sagemaker-custom-attributes"
+_TOP_K_DIGITS = re.compile(r"[0-9]{1,6}")
 
 
 @dataclass
@@ -43,10 +43,10 @@ class Prediction:
     class_names: list[str]
 
 
-def negotiate(accept: str | None, default: str = JSON) -> str:
+def negotiate(accept: str | None, default: str = JSON_ANSWER_TYPE) -> str:
     """The supported media type the Accept header prefers (q-values honoured), else 406."""
     if not accept or not accept.strip():
-        return default if default in SUPPORTED else JSON
+        return default if default in ANSWER_TYPES else JSON_ANSWER_TYPE
     offers = []
     for position, part in enumerate(accept.split(",")):
         media_type, params = parse_media_type(part)
@@ -55,21 +55,21 @@ def negotiate(accept: str | None, default: str = JSON) -> str:
         except ValueError:
             quality = 1.0
         if media_type and quality > 0:
-            offers.append((-quality, position, _ALIASES.get(media_type, media_type)))
+            offers.append((-quality, position, _ACCEPT_ALIASES.get(media_type, media_type)))
     for _, _, media_type in sorted(offers):
-        if media_type in SUPPORTED:
+        if media_type in ANSWER_TYPES:
             return media_type
         if media_type in ("*/*", "application/*"):
-            return default if default in SUPPORTED else JSON
+            return default if default in ANSWER_TYPES else JSON_ANSWER_TYPE
     raise not_acceptable(f"Accept {accept.strip()!r} asks for nothing this endpoint answers with; "
-                         f"accept one of: {', '.join(SUPPORTED)}")
+                         f"accept one of: {', '.join(ANSWER_TYPES)}")
 
 
 def custom_attributes(headers: Mapping[str, Any] | None) -> dict[str, str]:
     """X-Amzn-SageMaker-Custom-Attributes 'top_k=5; other=x' -> {'top_k': '5', 'other': 'x'}."""
     raw = ""
     for name, value in (headers or {}).items():
-        if str(name).lower() == CUSTOM_ATTRIBUTES:
+        if str(name).lower() == CUSTOM_ATTRIBUTES_HEADER:
             raw = value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
     attributes = {}
     for item in raw.replace(";", ",").split(","):
@@ -84,7 +84,7 @@ def requested_top_k(attributes: Mapping[str, str]) -> int | None:
     if raw is None:
         return None
     # ASCII digits only (str.isdigit() also takes '²', which int() refuses), and few of them.
-    if not _TOP_K.fullmatch(raw) or int(raw) < 1:
+    if not _TOP_K_DIGITS.fullmatch(raw) or int(raw) < 1:
         shown = raw if len(raw) <= 20 else raw[:20] + "..."
         raise bad_request(f"custom attribute top_k={shown!r} must be a whole number from 1 to 999999")
     return int(raw)
@@ -93,13 +93,13 @@ def requested_top_k(attributes: Mapping[str, str]) -> int | None:
 def render(prediction: Prediction, media_type: str, attributes: Mapping[str, str], default_k: int) -> tuple[str, str]:
     """(body, Content-Type) for a negotiated media type."""
     k = requested_top_k(attributes)
-    if media_type == TOPK_JSON and k is None:
+    if media_type == TOPK_ANSWER_TYPE and k is None:
         k = default_k
     logits = np.asarray(prediction.logits)
     if k is None:
         rows: list[Any] = logits.tolist()
     else:
         rows = [kennel_artifact.top_k(row, prediction.class_names, k) for row in logits]
-    if media_type == JSONLINES:
-        return "".join(json.dumps([row]) + "\n" for row in rows), JSONLINES
+    if media_type == JSONLINES_ANSWER_TYPE:
+        return "".join(json.dumps([row]) + "\n" for row in rows), JSONLINES_ANSWER_TYPE
     return json.dumps(rows), media_type

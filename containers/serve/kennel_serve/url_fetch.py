@@ -44,7 +44,7 @@ import time
 from typing import Callable
 from urllib.parse import quote, urljoin, urlsplit
 
-from kennel_serve.errors import RequestError, bad_request
+from kennel_serve.mms_toolkit.errors import RequestError, bad_request
 from kennel_serve.settings import UrlFetchSettings
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

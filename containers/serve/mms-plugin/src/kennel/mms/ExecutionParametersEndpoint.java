@@ -12,9 +12,9 @@ import software.amazon.ai.mms.servingsdk.http.Response;
 
 /**
  * GET /execution-parameters for SageMaker batch transform: MaxConcurrentTransforms,
- * BatchStrategy and MaxPayloadInMB. The launcher (kennel_serve.launcher) computes them from
- * the SAGEMAKER_* settings and the worker count and hands them over, already JSON, in
- * KENNEL_EXECUTION_PARAMETERS; MMS itself has no route for this path.
+ * BatchStrategy and MaxPayloadInMB. The launcher computes them from the SAGEMAKER_* settings
+ * and the worker count and hands them over, already JSON, in KENNEL_EXECUTION_PARAMETERS
+ * (kennel_serve.mms_toolkit.mms_config); MMS itself has no route for this path.
  */
 @Endpoint(
         urlPattern = "execution-parameters",

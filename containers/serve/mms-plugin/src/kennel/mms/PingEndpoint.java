@@ -21,10 +21,10 @@ import software.amazon.ai.mms.servingsdk.http.Response;
  *
  * <p>MMS's own /ping answers 200 as soon as the port is bound, even while workers load and
  * after every worker failed. A worker reaches WORKER_MODEL_LOADED only after the handler's
- * initialize (model_fn + one warm-up inference) returned; kennel_serve makes a failed
- * initialize end the worker, so a broken model never counts as loaded. While the launcher
- * drains on SIGTERM it creates the file "draining" in KENNEL_SERVE_STATE_DIR, and the load
- * balancer is told to stop sending work.
+ * initialize (model_fn + one warm-up inference) returned; kennel_serve.mms_toolkit.handler_service
+ * makes a failed initialize end the worker, so a broken model never counts as loaded. While
+ * the launcher drains on SIGTERM (kennel_serve.mms_toolkit.drain) it creates the file
+ * "draining" in KENNEL_SERVE_STATE_DIR, and the load balancer is told to stop sending work.
  */
 @Endpoint(
         urlPattern = "ping",

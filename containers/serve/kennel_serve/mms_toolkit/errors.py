@@ -1,8 +1,13 @@
-"""Errors a client caused, as the inference toolkit's own error type.
+"""The error type a client's mistake must have for the toolkit to answer with its status.
 
-sagemaker-inference turns a BaseInferenceToolkitError into an HTTP response with its
-status code; every other exception becomes a 500. kennel_serve.transformer renders both as
-a short JSON body without the traceback the toolkit would append.
+Works around (sagemaker-inference 1.10.1, transformer.Transformer.transform): every
+exception that is not a BaseInferenceToolkitError becomes a 500 carrying str(exc),
+so a 4xx has to be raised as the toolkit's own type. RequestError is that type;
+inputs.py, outputs.py and url_fetch.py raise it through the constructors below, and
+KennelTransformer.handle_error renders it as {"error": "..."} with its status.
+
+Proved by: tests/contract/test_serve_http.py::test_bad_input_is_a_clear_4xx_and_the_server_stays_healthy,
+tests/unit/test_serve_transformer.py::test_a_request_error_keeps_its_status_and_message.
 """
 from __future__ import annotations
 

@@ -1,13 +1,26 @@
 """What MMS's Python workers tell the launcher, through small files in the state dir.
 
-- workers/<pid>: "1" while that worker handles a request, "0" when idle. On SIGTERM
-  the launcher waits until every live worker has been idle for a moment (the JVM
-  hands a queued request to an idle worker within milliseconds) before it stops MMS,
-  so requests in flight finish instead of being cut off.
-- failed: one line, written by a worker whose model failed to load; the launcher then
-  stops with that line instead of MMS retrying the load forever.
+Works around (multi-model-server 1.1.11, sagemaker-inference 1.10.1):
+
+- No drain. The toolkit forwards SIGTERM straight to MMS (model_server._add_sigterm_handler),
+  which stops with requests in flight cut off, and nothing in MMS says which workers are busy.
+  workers/<pid> holds "1" while that worker handles a request, "0" when idle; on SIGTERM
+  the launcher (drain.py) waits until every live worker has been idle for a moment (the
+  JVM hands a queued request to an idle worker within milliseconds) before it stops MMS.
+  The same flags tell a worker whether it runs alone (engine.KennelModel's solo session).
+- A model that fails to load is served anyway. MMS's loader (model_loader.MmsModelLoader.load)
+  logs the exception from initialize and reports the worker as loaded. A worker whose model
+  failed writes one line to "failed"; the launcher then stops with that line instead of
+  MMS calling initialize again on every request.
+- MMS's /ping answers 200 while the server shuts down. "draining" is created by the launcher
+  on SIGTERM and read by the /ping plugin (mms-plugin/PingEndpoint.java), which then says 503.
 
 Writes are best effort: a request never fails because its busy flag could not be set.
+
+Proved by: tests/contract/test_serve_lifecycle.py::test_sigterm_drains_in_flight_requests_and_exits_within_30_s,
+tests/contract/test_serve_lifecycle.py::test_a_worker_that_cannot_load_the_model_stops_serve,
+tests/contract/test_serve_engine.py::test_the_default_handler_asks_the_other_workers_busy_flags,
+tests/unit/test_serve_activity.py.
 """
 from __future__ import annotations
 

@@ -1,9 +1,21 @@
-"""The default inference handlers: model_fn, input_fn, predict_fn, output_fn (+ warm-up).
+"""The request path, top to bottom: decode -> preprocess -> forward -> render.
 
-sagemaker-inference calls them in this order for each request; a user's
-code/inference.py in the model dir may replace any of them (SAGEMAKER_PROGRAM
-names the module), exactly as in SageMaker's framework images. Every function
-takes the MMS context as an optional last argument, which the toolkit passes.
+sagemaker-inference calls these handlers, in this order, for every request:
+
+1. default_input_fn: decode the body into images (inputs.py; {"url": ...} images are
+   fetched by url_fetch.py) and preprocess each one as soon as it is decoded, with the
+   artifact's Preprocessing.apply, the function training evaluated with;
+2. default_predict_fn: one forward pass on ONNX Runtime (engine.py);
+3. default_output_fn: render the logits as the client's Accept asks (outputs.py).
+
+default_model_fn and default_model_warmup_fn run once per worker, before its first
+request. A user's code/inference.py in the model dir may replace any of them
+(SAGEMAKER_PROGRAM names the module), exactly as in SageMaker's framework images.
+Every handler takes the MMS context as an optional last argument, which the toolkit
+passes. What wraps this path (MMS, the toolkit and their workarounds) is in
+kennel_serve.mms_toolkit: MMS -> handler_service.HandlerService ->
+transformer.KennelTransformer (screening, errors, busy flag) -> the toolkit's
+Transformer -> the handlers below.
 """
 from __future__ import annotations
 
@@ -13,28 +25,22 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
-from sagemaker_inference.default_inference_handler import DefaultInferenceHandler
 
 from kennel_artifact import Preprocessing
 
 from kennel_serve import inputs, outputs
-from kennel_serve.activity import busy_workers
 from kennel_serve.engine import KennelModel
+from kennel_serve.mms_toolkit.activity import busy_workers
+from kennel_serve.mms_toolkit.transformer import request_headers
 from kennel_serve.settings import ServeSettings
 from kennel_serve.url_fetch import UrlFetcher
 
 log = logging.getLogger(__name__)
 
 
-def request_headers(context: Any) -> dict:
-    """The current request's headers from the MMS context ({} outside MMS)."""
-    try:
-        return context.request_processor[0].get_request_properties() or {}
-    except (AttributeError, IndexError, TypeError):
-        return {}
+class KennelInferenceHandler:
+    """The toolkit's default_inference_handler: the handlers user code does not replace."""
 
-
-class KennelInferenceHandler(DefaultInferenceHandler):
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.fetcher = UrlFetcher(settings.url)
@@ -58,9 +64,10 @@ class KennelInferenceHandler(DefaultInferenceHandler):
 
     def default_input_fn(self, input_data: Any, content_type: str,
                          context: Any = None) -> np.ndarray | list[Image.Image]:
-        """The model's inputs, float32 [N, 3, H, W] (decoded RGB images when model_fn is the user's)."""
+        """Decode and preprocess: float32 [N, 3, H, W] (decoded RGB images when model_fn is the user's)."""
         # One deadline for every URL of the request, from its start.
         fetch = functools.partial(self.fetcher.fetch, deadline=self.fetcher.request_deadline())
+        # Each image is preprocessed as soon as it is decoded, so at most one decoded image is held.
         decoded = inputs.decode_request(input_data, content_type, fetch_url=fetch,
                                         max_images=self.settings.max_images, max_pixels=self.settings.max_pixels,
                                         max_request_pixels=self.settings.max_request_pixels,
@@ -69,7 +76,7 @@ class KennelInferenceHandler(DefaultInferenceHandler):
 
     def default_predict_fn(self, data: Sequence[Image.Image] | np.ndarray, model: Any,
                            context: Any = None) -> outputs.Prediction:
-        """Images (or an already preprocessed float32 [N, 3, H, W] array) -> logits, in one forward pass."""
+        """Forward: model inputs (or decoded images) -> logits, in one forward pass."""
         if not isinstance(model, KennelModel):
             raise TypeError(f"the default predict_fn needs the model of the default model_fn, got a "
                             f"{type(model).__name__}: define predict_fn in code/inference.py too")
@@ -77,9 +84,10 @@ class KennelInferenceHandler(DefaultInferenceHandler):
         return outputs.Prediction(logits=logits, class_names=model.class_names)
 
     def default_output_fn(self, prediction: Any, accept: str, context: Any = None) -> tuple[str, str]:
+        """Render: (body, Content-Type) in the media type the client's Accept prefers."""
         if not isinstance(prediction, outputs.Prediction):
             raise TypeError(f"the default output_fn needs the Prediction of the default predict_fn, got a "
                             f"{type(prediction).__name__}: define output_fn in code/inference.py too")
-        media_type = outputs.negotiate(accept, default=outputs.JSON)
+        media_type = outputs.negotiate(accept, default=outputs.JSON_ANSWER_TYPE)
         attributes = outputs.custom_attributes(request_headers(context))
         return outputs.render(prediction, media_type, attributes, self.settings.top_k)

@@ -1,21 +1,33 @@
 """The toolkit's Transformer, with its defects worked around from the outside.
 
-sagemaker_inference.transformer.Transformer runs input_fn -> predict_fn -> output_fn
-and turns exceptions into HTTP errors, but (1.10.1, checked):
+sagemaker_inference.transformer.Transformer (1.10.1) runs input_fn -> predict_fn ->
+output_fn and turns exceptions into HTTP errors, but:
 
-- it appends the full traceback to every error body, also for client mistakes;
-- a Content-Type with parameters ("application/json; charset=utf-8") is passed on
-  as is, so the JSON body is not decoded and a plain comparison fails;
-- a JSON body that is not UTF-8 raises inside the toolkit: a 500;
-- it looks up headers by two spellings only ("Accept"/"accept").
+- it appends the full traceback to every error body, client mistakes included, and
+  puts str(exc) of any other exception (paths, internals) in a 500's body;
+- a Content-Type with parameters ("application/json; charset=utf-8") is passed on as
+  is, so the JSON body is not decoded and a plain comparison in user code fails;
+- it decodes JSON bodies as UTF-8 without checking: a body that is not UTF-8, or
+  declares another charset, raises inside the toolkit, a 500;
+- it finds Accept as "Accept" or "accept" only, and Content-Type only by the pattern
+  [Cc]ontent-?[Tt]ype, so "ACCEPT" or "CONTENT-TYPE" are not seen;
+- it has no payload limit of its own, and MMS's (max_request_size) answers with Netty's
+  bare 413 without a reason.
 
 KennelTransformer screens each request before the toolkit sees it (payload limit,
-Content-Type normalised, charset and UTF-8 checked), renders every error as
-{"error": "..."} with the right status and no traceback (5xx details go to the log
-only), marks the worker busy while it works (kennel_serve.activity), and tells
-the client how long the worker took: a W3C ``Server-Timing: worker;dur=<ms>``
-header on every answer, so a client can tell the model's time from the time its
-request waited in the server's queue.
+header names and Content-Type normalised, charset and UTF-8 checked), renders every
+error as {"error": "..."} with the right status and no traceback (5xx details go to
+the log only), marks the worker busy while it works (activity.py), and tells the
+client how long the worker took: a W3C ``Server-Timing: worker;dur=<ms>`` header on
+every answer, so a client can tell the model's time from the time its request waited
+in the server's queue.
+
+Proved by: tests/unit/test_serve_transformer.py (every point above),
+tests/contract/test_serve_http.py::test_bad_input_is_a_clear_4xx_and_the_server_stays_healthy,
+tests/contract/test_serve_http.py::test_payload_over_the_limit_is_413,
+tests/contract/test_serve_http.py::test_every_answer_says_how_long_the_worker_took,
+tests/contract/test_serve_user_code.py::test_user_errors_keep_their_status_and_internal_errors_say_nothing,
+tests/contract/test_serve_user_code.py::test_user_input_and_output_fn_with_the_default_model_and_predict_fn.
 """
 from __future__ import annotations
 
@@ -29,16 +41,27 @@ from sagemaker_inference import content_types
 from sagemaker_inference.errors import BaseInferenceToolkitError
 from sagemaker_inference.transformer import Transformer
 
-from kennel_serve.activity import WorkerActivity
-from kennel_serve.errors import RequestError, bad_request, payload_too_large, unsupported_media_type
-from kennel_serve.handler import request_headers
-from kennel_serve.inputs import JSONLINES, parse_media_type
+from kennel_serve.inputs import JSONLINES_CONTENT_TYPES, parse_media_type
+from kennel_serve.mms_toolkit.activity import WorkerActivity
+from kennel_serve.mms_toolkit.errors import RequestError, bad_request, payload_too_large, unsupported_media_type
 from kennel_serve.settings import MIB, ServeSettings
 
 log = logging.getLogger(__name__)
 
 _TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
 INTERNAL_ERROR_MESSAGE = "internal error while handling the request; the server log has the details"
+
+
+def request_headers(context: Any) -> dict:
+    """The current request's headers from the MMS context ({} outside MMS).
+
+    MMS replaces context.request_processor for each request, and the toolkit hands the
+    handler functions the context it was initialised with: the same object.
+    """
+    try:
+        return context.request_processor[0].get_request_properties() or {}
+    except (AttributeError, IndexError, TypeError):
+        return {}
 
 
 class KennelTransformer(Transformer):
@@ -78,7 +101,8 @@ class KennelTransformer(Transformer):
             return
         media_type, params = parse_media_type(headers["Content-Type"])
         headers["Content-Type"] = media_type  # the toolkit compares it verbatim
-        is_text = media_type in content_types.UTF8_TYPES or media_type in JSONLINES or media_type.startswith("text/")
+        is_text = (media_type in content_types.UTF8_TYPES or media_type in JSONLINES_CONTENT_TYPES
+                   or media_type.startswith("text/"))
         charset = params.get("charset")
         if is_text and charset and charset not in _TEXT_CHARSETS:
             raise unsupported_media_type(f"charset {charset!r} is not supported; send UTF-8")

@@ -1,0 +1,126 @@
+"""`serve`: check the model, run multi-model-server, and stop it cleanly.
+
+1. Read the settings; reset the state dir.
+2. Install code/requirements.txt if the model brings one.
+3. Load the model exactly as the workers will (same handlers, user code included)
+   and run one warm-up inference.
+4. Write MMS's configuration (mms_config.py) and start MMS in its own process group.
+5. Supervise it (supervisor.py); on SIGTERM/SIGINT drain (drain.py), then stop it,
+   exit 0 well within SageMaker's 30 s.
+
+Works around (sagemaker-inference 1.10.1, multi-model-server 1.1.11), in place of the
+toolkit's start_model_server:
+
+- MMS refuses to start while the pid in its /tmp/.model_server.pid is alive, and in a
+  restarted container it often is, as another process. MMS's temp dir is inside the
+  state dir here, and every start empties it (reset_state_dir).
+- The toolkit pip-installs code/requirements.txt into the interpreter's own
+  environment, which is read-only to the image's unprivileged user. Here it goes to
+  the state dir (--target), put on the workers' PYTHONPATH.
+- With a model that cannot load, MMS still binds its port and the endpoint goes
+  InService, then fails every request. Here any problem is ONE line on stderr and
+  exit 1, before a port is bound (check_model_serves).
+
+Proved by: tests/contract/test_serve_lifecycle.py::test_restart_finds_no_stale_state,
+tests/unit/test_serve_launcher.py::test_reset_state_dir_removes_what_a_killed_server_left,
+tests/contract/test_serve_user_code.py::test_user_input_and_output_fn_with_the_default_model_and_predict_fn,
+tests/contract/test_serve_lifecycle.py::test_an_invalid_model_ends_serve_with_one_line,
+tests/contract/test_serve_lifecycle.py::test_missing_model_or_bad_settings_end_serve_with_one_line,
+tests/contract/test_serve_lifecycle.py::test_a_failing_user_model_fn_ends_serve_with_one_line.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kennel_serve.mms_toolkit import mms_config, supervisor
+from kennel_serve.settings import ServeSettings, SettingsError
+
+log = logging.getLogger("kennel_serve")
+
+
+class ServeError(Exception):
+    """A reason not to serve, printed as the one line `serve` ends with."""
+
+
+def exception_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if text else type(exc).__name__
+
+
+def reset_state_dir(state_dir: Path) -> None:
+    """An empty state dir. MMS's temp dir (its pid file, worker sockets) lives inside it."""
+    shutil.rmtree(state_dir, ignore_errors=True)
+    (state_dir / "tmp").mkdir(parents=True, exist_ok=True)
+
+
+def install_requirements(code_dir: Path, target: Path) -> Path | None:
+    """pip install code/requirements.txt into the state dir (the image's venv is read-only)."""
+    requirements = code_dir / "requirements.txt"
+    if not requirements.is_file():
+        return None
+    log.warning("installing %s", requirements)
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-cache-dir",
+                             "--disable-pip-version-check", "--target", str(target), "-r", str(requirements)])
+    if result.returncode != 0:
+        raise ServeError(f"pip could not install {requirements} (exit {result.returncode}, see above)")
+    return target
+
+
+def check_model_serves(settings: ServeSettings) -> None:
+    """Load the model through the serving handlers and warm it up, or raise ServeError."""
+    # Both import ONNX Runtime: only after the settings were checked.
+    from kennel_serve.mms_toolkit.transformer import KennelTransformer
+    from kennel_serve.request_path import KennelInferenceHandler
+
+    if not settings.model_dir.is_dir():
+        raise ServeError(f"model directory {settings.model_dir} does not exist: extract model.tar.gz there "
+                         f"(SageMaker does) or mount the folder training wrote")
+    transformer = KennelTransformer(KennelInferenceHandler(settings), settings)
+    try:
+        transformer.validate_and_initialize(model_dir=str(settings.model_dir))
+    except Exception as exc:
+        raise ServeError(f"cannot serve {settings.model_dir}: {exception_line(exc)}") from None
+    del transformer
+    gc.collect()
+
+
+def main() -> int:
+    started = time.monotonic()
+    logging.basicConfig(level=logging.WARNING, format="kennel-serve: %(message)s", stream=sys.stderr)
+    stop = supervisor.StopSignals()
+    try:
+        settings = ServeSettings.from_env(os.environ)
+        if settings.mms_plugins is None or not (settings.mms_plugins / mms_config.PLUGIN_JAR).is_file():
+            raise ServeError(f"KENNEL_MMS_PLUGINS={settings.mms_plugins or ''} holds no {mms_config.PLUGIN_JAR} "
+                             f"(build it with containers/serve/mms-plugin/build.sh)")
+        cli = supervisor.find_mms_cli()
+        if cli is None:
+            raise ServeError("multi-model-server is not installed in this environment")
+        reset_state_dir(settings.state_dir)
+        code_dir = settings.model_dir / "code"
+        python_paths = [path for path in (code_dir if code_dir.is_dir() else None,
+                                          install_requirements(code_dir, settings.state_dir / "packages"))
+                        if path is not None]
+        sys.path[:0] = [str(path) for path in python_paths]
+        check_model_serves(settings)
+    except (SettingsError, ServeError) as exc:
+        print(f"kennel-serve: {exc}", file=sys.stderr, flush=True)
+        return 1
+    if stop.requested:
+        return 0
+    log.warning("model %s checked and warmed up in %.1f s; starting multi-model-server", settings.model_dir,
+                time.monotonic() - started)
+    process = supervisor.start_mms(cli, mms_config.write_mms_properties(settings), settings,
+                                   mms_config.mms_environment(settings, python_paths))
+    try:
+        return supervisor.supervise(process, settings, stop, started)
+    finally:
+        if process.poll() is None:
+            supervisor.stop_mms(process)
