@@ -57,9 +57,9 @@ class Worker:
     def __init__(self, model_dir: Path):
         from mms.context import Context, RequestProcessor
 
-        from kennel_serve.handler import KennelInferenceHandler
+        from kennel_serve.mms_toolkit.transformer import KennelTransformer
+        from kennel_serve.request_path import KennelInferenceHandler
         from kennel_serve.settings import ServeSettings
-        from kennel_serve.transformer import KennelTransformer
 
         env = {"SAGEMAKER_BASE_DIR": str(model_dir.parent), "KENNEL_URL_FETCH": "false",
                "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "KENNEL_ORT_THREADS": "1",

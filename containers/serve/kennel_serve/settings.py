@@ -138,7 +138,7 @@ class ServeSettings:
     drain_timeout_s: float = 20.0
     state_dir: Path = Path("/tmp/kennel-serve")
     mms_plugins: Path | None = None
-    vmargs: str = ""
+    vmargs: str = DEFAULT_VMARGS
     url: UrlFetchSettings = field(default_factory=UrlFetchSettings)
 
     @classmethod
@@ -184,7 +184,7 @@ class ServeSettings:
             drain_timeout_s=read.number("KENNEL_DRAIN_TIMEOUT_S", 20.0, low=0, high=25),
             state_dir=Path(read.text("KENNEL_SERVE_STATE_DIR", "/tmp/kennel-serve")),
             mms_plugins=Path(plugins) if plugins else None,
-            vmargs=read.text("SAGEMAKER_MODEL_SERVER_VMARGS", ""),
+            vmargs=read.text("SAGEMAKER_MODEL_SERVER_VMARGS", DEFAULT_VMARGS),
             url=UrlFetchSettings(
                 enabled=read.flag("KENNEL_URL_FETCH", True),
                 allowed_networks=networks,

@@ -11,7 +11,7 @@ wrong for an endpoint:
   register, scale and delete models. Here the management API answers on a Unix socket
   in the state dir only.
 - vmargs=-XX:-UseContainerSupport: the JVM sizes its heap from the host's memory, not
-  the container's limit. Here DEFAULT_VMARGS below (SAGEMAKER_MODEL_SERVER_VMARGS
+  the container's limit. Here settings.DEFAULT_VMARGS (SAGEMAKER_MODEL_SERVER_VMARGS
   still replaces them).
 - max_request_size=the payload limit: a body over it gets Netty's bare 413, no reason.
   Here bodies up to twice the limit reach KennelTransformer, which refuses them with
@@ -44,17 +44,15 @@ HANDLER_SERVICE = "kennel_serve.mms_toolkit.handler_service"
 PLUGIN_JAR = "kennel-mms-plugin.jar"
 LOG_CONFIG = Path(__file__).with_name("etc") / "log4j2.xml"
 MMS_MODEL_NAME = "model"
-# JVM flags for MMS's frontend. UseContainerSupport: size the heap from the container's
-# memory limit, not the host's (the toolkit passes -XX:-UseContainerSupport); the heap only
-# holds request bodies in flight. TieredStopAtLevel=1 (C1 only) and the serial collector:
-# no C2 compiler or parallel GC threads competing with the model for the CPUs at start;
-# the JVM binds its port in about half the time on 2 cores (docs/benchmarks.md), and its
-# per-request work is microseconds next to a CNN's milliseconds. Xmn16m: a small young
-# generation, reused after each (millisecond) collection; left to size itself from the
-# host's memory, the JVM kept touching new heap pages under load, and the container's
-# memory rose for minutes (+37 MiB in 70 s at 14 requests/s) before it levelled off.
-DEFAULT_VMARGS = ("-XX:+UseContainerSupport -XX:MaxRAMPercentage=25 -XX:+ExitOnOutOfMemoryError "
-                  "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xmn16m")
+# The JVM flags MMS's frontend gets by default (kennel_serve.settings.DEFAULT_VMARGS), and why.
+# UseContainerSupport: size the heap from the container's memory limit, not the host's
+# (the toolkit passes -XX:-UseContainerSupport); the heap only holds request bodies in
+# flight. TieredStopAtLevel=1 (C1 only) and the serial collector: no C2 compiler or
+# parallel GC threads competing with the model for the CPUs at start; the JVM binds its
+# port sooner (docs/benchmarks.md), and its per-request work is microseconds next to a
+# CNN's milliseconds. Xmn16m: a small young generation, reused after each (millisecond)
+# collection; left to size itself from the host's memory, the JVM kept touching new heap
+# pages under load, and the container's memory rose for minutes before it levelled off.
 
 
 def mms_properties(settings: ServeSettings) -> str:
@@ -76,7 +74,7 @@ def mms_properties(settings: ServeSettings) -> str:
         # beyond that Netty's own bare 413 answers before anything is buffered.
         "max_request_size": max(2 * payload, payload + MIB),
         "max_response_size": 16 * MIB,
-        "vmargs": settings.vmargs or DEFAULT_VMARGS,
+        "vmargs": settings.vmargs,
         "plugins_path": settings.mms_plugins,
         # The server process imports once; each forked worker loads its own model (handler_service).
         "preload_model": "true",
