@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kennel_train import distributed
-from kennel_train.distributed import Cluster, DistributedError, Settings, plan, read_cluster, resolve_hosts
+from kennel_train.cluster import (Cluster, DistributedError, Settings, plan, read_cluster, resolve_hosts,
+                                  set_network_interface)
 
 
 def write_config(tmp_path, **content):
@@ -28,9 +29,9 @@ def test_hosts_are_sorted_so_every_host_picks_the_same_master(tmp_path):
 
 
 def test_a_missing_resource_config_means_one_host(tmp_path):
-    cluster = read_cluster(tmp_path / "resourceconfig.json")
-    assert cluster.hosts == (socket.gethostname(),)
-    assert cluster.node_rank == 0
+    single = read_cluster(tmp_path / "resourceconfig.json")
+    assert single.hosts == (socket.gethostname(),)
+    assert single.node_rank == 0
 
 
 @pytest.mark.parametrize("content, words", [
@@ -123,13 +124,13 @@ def test_a_name_that_never_resolves_fails_in_bounded_time_and_is_named(monkeypat
 
 def test_the_interface_from_the_resource_config_is_used_unless_set_explicitly():
     environ: dict[str, str] = {}
-    distributed.set_network_interface("lo", use_cuda=True, environ=environ)
+    set_network_interface("lo", use_cuda=True, environ=environ)
     assert environ == {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
     environ = {"GLOO_SOCKET_IFNAME": "bond0"}
-    distributed.set_network_interface("lo", use_cuda=False, environ=environ)
+    set_network_interface("lo", use_cuda=False, environ=environ)
     assert environ == {"GLOO_SOCKET_IFNAME": "bond0"}
     with pytest.raises(DistributedError, match=r"'eth9' from resourceconfig.json does not exist.*lo"):
-        distributed.set_network_interface("eth9", use_cuda=False, environ={})
+        set_network_interface("eth9", use_cuda=False, environ={})
 
 
 def test_one_process_gets_a_local_group_whose_collectives_are_local():
@@ -159,7 +160,7 @@ def test_parameter_digest_sees_every_parameter():
 
 def test_a_lost_peer_is_named_by_its_address():
     layout = plan(Cluster(hosts=("algo-1", "algo-2"), current_host="algo-1"), Settings(), cuda_devices=0)
-    group = distributed.Group(layout, addresses={"algo-1": "172.18.0.2", "algo-2": "172.18.0.3"})
+    group = distributed.Group(layout, settings=Settings(addresses={"algo-1": "172.18.0.2", "algo-2": "172.18.0.3"}))
     error = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
                          "[172.18.0.3]:45735: Connection reset by peer. This is typically caused by ...")
     reason = group.describe(error)
