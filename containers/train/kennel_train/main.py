@@ -38,6 +38,7 @@ import kennel_artifact
 from kennel_artifact import IMAGENET_EVAL, Manifest
 
 from . import checkpoint, contract, data, device, distributed, export, launch, loop, reports
+from .cluster import DistributedError, Layout, Settings, plan, read_cluster
 from .failure import Stopped, TrainingFailure, is_out_of_memory, is_shared_memory_exhausted, reason_for, write_failure
 from .model import SplitModel, build_network, describe_head, find_pretrained, load_backbone
 from .progress import configure_logging, format_duration
@@ -86,11 +87,10 @@ def run(flags: Mapping[str, str] | None) -> tuple[int, str | None]:
     paths.failure.unlink(missing_ok=True)
     (paths.output / "success").unlink(missing_ok=True)
     try:
-        cluster = distributed.read_cluster(paths.resource_config)
-        settings = distributed.Settings.from_env()
-        layout = distributed.plan(cluster, settings)
+        settings = Settings.from_env()
+        layout = plan(read_cluster(paths.resource_config), settings)
         code, reason = launch.launch(run_rank, layout, settings, (dict(flags or {}),))
-    except distributed.DistributedError as error:
+    except DistributedError as error:
         code, reason = 1, str(error)
     if code == 0:
         log.info("training complete")
@@ -101,7 +101,7 @@ def run(flags: Mapping[str, str] | None) -> tuple[int, str | None]:
     return code, reason
 
 
-def run_rank(local_rank: int, layout: distributed.Layout, settings: distributed.Settings,
+def run_rank(local_rank: int, layout: Layout, settings: Settings,
              flags: dict[str, str]) -> tuple[int, str | None]:
     """One training process: join the others, train, agree on the outcome; return (exit code, reason or None)."""
     configure_logging()
@@ -131,7 +131,7 @@ def run_rank(local_rank: int, layout: distributed.Layout, settings: distributed.
 def _describe(error: BaseException, group: distributed.Group | None) -> str:
     if isinstance(error, KeyboardInterrupt):
         return "interrupted by SIGINT twice: stopped at once, without saving a checkpoint"
-    if isinstance(error, distributed.DistributedError):
+    if isinstance(error, DistributedError):
         return str(error)
     peer = group.describe(error) if group is not None else None
     if peer:
