@@ -181,7 +181,8 @@ def test_rendezvous_errors_name_the_host_and_the_setting():
         "rendezvous timed out after 600 s (KENNEL_DIST_RENDEZVOUS_TIMEOUT): algo-2 (rank 1), algo-3 (rank 2) "
         "never joined; see their log")
     # the store counts who came, not who: with one of two missing, both are named as candidates
-    one_missing = torch.distributed.DistStoreError("Timed out after 601 seconds waiting for clients. 2/3 clients joined.")
+    one_missing = torch.distributed.DistStoreError(
+        "Timed out after 601 seconds waiting for clients. 2/3 clients joined.")
     assert "1 of algo-2, algo-3 never joined" in launch._rendezvous_failure(one_missing, three, settings, master)
     busy = torch.distributed.DistNetworkError("The server socket has failed to listen on any local network address. "
                                               "port: 29500, useIpv6: false, code: -98, name: EADDRINUSE")
