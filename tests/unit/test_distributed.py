@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 import torch
 
-from kennel_train import distributed
-from kennel_train.distributed import Cluster, DistributedError, Settings, plan, read_cluster, resolve_hosts
+from kennel_train import distributed, launch
+from kennel_train.cluster import (Cluster, DistributedError, Settings, plan, read_cluster, resolve_hosts,
+                                  set_network_interface)
 
 
 def write_config(tmp_path, **content):
@@ -28,9 +30,9 @@ def test_hosts_are_sorted_so_every_host_picks_the_same_master(tmp_path):
 
 
 def test_a_missing_resource_config_means_one_host(tmp_path):
-    cluster = read_cluster(tmp_path / "resourceconfig.json")
-    assert cluster.hosts == (socket.gethostname(),)
-    assert cluster.node_rank == 0
+    single = read_cluster(tmp_path / "resourceconfig.json")
+    assert single.hosts == (socket.gethostname(),)
+    assert single.node_rank == 0
 
 
 @pytest.mark.parametrize("content, words", [
@@ -123,13 +125,13 @@ def test_a_name_that_never_resolves_fails_in_bounded_time_and_is_named(monkeypat
 
 def test_the_interface_from_the_resource_config_is_used_unless_set_explicitly():
     environ: dict[str, str] = {}
-    distributed.set_network_interface("lo", use_cuda=True, environ=environ)
+    set_network_interface("lo", use_cuda=True, environ=environ)
     assert environ == {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
     environ = {"GLOO_SOCKET_IFNAME": "bond0"}
-    distributed.set_network_interface("lo", use_cuda=False, environ=environ)
+    set_network_interface("lo", use_cuda=False, environ=environ)
     assert environ == {"GLOO_SOCKET_IFNAME": "bond0"}
     with pytest.raises(DistributedError, match=r"'eth9' from resourceconfig.json does not exist.*lo"):
-        distributed.set_network_interface("eth9", use_cuda=False, environ={})
+        set_network_interface("eth9", use_cuda=False, environ={})
 
 
 def test_one_process_gets_a_local_group_whose_collectives_are_local():
@@ -159,7 +161,7 @@ def test_parameter_digest_sees_every_parameter():
 
 def test_a_lost_peer_is_named_by_its_address():
     layout = plan(Cluster(hosts=("algo-1", "algo-2"), current_host="algo-1"), Settings(), cuda_devices=0)
-    group = distributed.Group(layout, addresses={"algo-1": "172.18.0.2", "algo-2": "172.18.0.3"})
+    group = distributed.Group(layout, settings=Settings(addresses={"algo-1": "172.18.0.2", "algo-2": "172.18.0.3"}))
     error = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
                          "[172.18.0.3]:45735: Connection reset by peer. This is typically caused by ...")
     reason = group.describe(error)
@@ -168,3 +170,55 @@ def test_a_lost_peer_is_named_by_its_address():
     assert "did not answer within 300 s" in group.describe(timeout)
     assert group.describe(ValueError("bad label")) is None
     assert group.describe(RuntimeError("CUDA out of memory")) is None
+
+
+def test_rendezvous_errors_name_the_host_and_the_setting():
+    settings = Settings(rendezvous_timeout_s=600, port=29500)
+    three = plan(Cluster(hosts=("algo-1", "algo-2", "algo-3"), current_host="algo-1"), settings, cuda_devices=0)
+    master = "algo-1 (10.0.0.1:29500)"
+    timed_out = torch.distributed.DistStoreError("Timed out after 601 seconds waiting for clients. 1/3 clients joined.")
+    assert launch._rendezvous_failure(timed_out, three, settings, master) == (
+        "rendezvous timed out after 600 s (KENNEL_DIST_RENDEZVOUS_TIMEOUT): algo-2 (rank 1), algo-3 (rank 2) "
+        "never joined; see their log")
+    # the store counts who came, not who: with one of two missing, both are named as candidates
+    one_missing = torch.distributed.DistStoreError(
+        "Timed out after 601 seconds waiting for clients. 2/3 clients joined.")
+    assert "1 of algo-2, algo-3 never joined" in launch._rendezvous_failure(one_missing, three, settings, master)
+    busy = torch.distributed.DistNetworkError("The server socket has failed to listen on any local network address. "
+                                              "port: 29500, useIpv6: false, code: -98, name: EADDRINUSE")
+    assert launch._rendezvous_failure(busy, three, settings, master).startswith(
+        "cannot listen for the other hosts on algo-1 (10.0.0.1:29500): ")
+    follower = plan(Cluster(hosts=("algo-1", "algo-2"), current_host="algo-2"), settings, cuda_devices=0)
+    unreachable = torch.distributed.DistNetworkError(
+        "The client socket has timed out after 600000ms while trying to connect to (10.0.0.1, 29500).")
+    assert launch._rendezvous_failure(unreachable, follower, settings, master).startswith(
+        "cannot reach the master host algo-1 (10.0.0.1:29500) within 600 s (KENNEL_DIST_RENDEZVOUS_TIMEOUT)")
+    gpus = plan(Cluster(hosts=("algo-1", "algo-2"), current_host="algo-1"), settings, cuda_devices=4)
+    half = torch.distributed.DistStoreError("Timed out after 601 seconds waiting for clients. 1/2 clients joined.")
+    assert "algo-2 (ranks 4-7) never joined; see its log" in launch._rendezvous_failure(half, gpus, settings, master)
+
+
+def test_the_earliest_recorded_reason_is_the_root_cause(tmp_path, monkeypatch):
+    def record(local_rank: int, reason: str, at: int) -> None:
+        error_file = tmp_path / "kennel_x" / "attempt_0" / str(local_rank) / "error.json"
+        error_file.parent.mkdir(parents=True)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+        monkeypatch.setattr(time, "time", lambda: at)
+        launch.record_failure(reason)
+
+    assert launch._root_cause(str(tmp_path)) is None
+    record(0, "distributed training stopped on algo-1 rank 0/4: a peer host did not answer within 300 s", 1300)
+    record(1, "out of memory (batch_size=512, ...): lower batch_size", 1000)
+    record(2, "the leader host algo-1 failed: ...", 1300)
+    assert launch._root_cause(str(tmp_path)) == "out of memory (batch_size=512, ...): lower batch_size"
+    # a half-written file (its process killed while writing) is not a reason
+    (tmp_path / "kennel_x" / "attempt_0" / "3").mkdir()
+    (tmp_path / "kennel_x" / "attempt_0" / "3" / "error.json").write_text('{"message": ')
+    assert launch._root_cause(str(tmp_path)) == "out of memory (batch_size=512, ...): lower batch_size"
+
+
+def test_outside_the_agent_recording_a_reason_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    launch.record_failure("anything")
+    assert list(tmp_path.iterdir()) == []

@@ -13,9 +13,10 @@ Two ways in, one program:
   toolkit (compose, tests, a laptop); exit code 0, 1 on failure, 128+signal
   when stopped by a signal.
 
-Several hosts or GPUs (resourceconfig.json, kennel_train.distributed): one
-process per GPU or per CPU host, one model trained data-parallel; rank 0 alone
-writes the checkpoints, the model and the reports.
+Several hosts or GPUs (resourceconfig.json): torchrun's elastic agent starts
+one process per GPU or per CPU host (kennel_train.launch), one model trained
+data-parallel (kennel_train.distributed); rank 0 alone writes the checkpoints,
+the model and the reports; this host's one failure reason is written here.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ import torch
 import kennel_artifact
 from kennel_artifact import IMAGENET_EVAL, Manifest
 
-from . import checkpoint, contract, data, device, distributed, export, loop, reports
+from . import checkpoint, contract, data, device, distributed, export, launch, loop, reports
+from .cluster import DistributedError, Layout, Settings, plan, read_cluster
 from .failure import Stopped, TrainingFailure, is_out_of_memory, is_shared_memory_exhausted, reason_for, write_failure
 from .model import SplitModel, build_network, describe_head, find_pretrained, load_backbone
 from .progress import configure_logging, format_duration
@@ -78,37 +80,37 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 def run(flags: Mapping[str, str] | None) -> tuple[int, str | None]:
-    """Start this host's process(es); return (exit code, failure reason or None)."""
+    """Start this host's process(es); write the one failure reason; return (exit code, reason or None)."""
     configure_logging()
     paths = contract.Paths.from_env()
     # What an earlier run left (compose reuses ./output) must not describe this one.
     paths.failure.unlink(missing_ok=True)
     (paths.output / "success").unlink(missing_ok=True)
     try:
-        cluster = distributed.read_cluster(paths.resource_config)
-        settings = distributed.Settings.from_env()
-        layout = distributed.plan(cluster, settings)
-    except distributed.DistributedError as error:
-        write_failure(paths.failure, str(error))
-        log.error("training failed: %s", error)
-        return 1, str(error)
-    code = distributed.launch(run_rank, layout.processes_per_host, (layout, settings, dict(flags or {})))
-    reason = None
-    if code != 0:
-        reason = paths.failure.read_text() if paths.failure.is_file() else None
+        settings = Settings.from_env()
+        layout = plan(read_cluster(paths.resource_config), settings)
+        code, reason = launch.launch(run_rank, layout, settings, (dict(flags or {}),))
+    except DistributedError as error:
+        code, reason = 1, str(error)
+    if code == 0:
+        log.info("training complete")
+        return 0, None
+    reason = reason or f"training failed with exit code {code}"
+    write_failure(paths.failure, reason)
+    log.error("training failed: %s", reason)
     return code, reason
 
 
-def run_rank(local_rank: int, layout: distributed.Layout, settings: distributed.Settings,
-             flags: dict[str, str]) -> int:
-    """One training process: join the others, train, agree on the outcome, write the failure reason."""
+def run_rank(local_rank: int, layout: Layout, settings: Settings,
+             flags: dict[str, str]) -> tuple[int, str | None]:
+    """One training process: join the others, train, agree on the outcome; return (exit code, reason or None)."""
     configure_logging()
     paths = contract.Paths.from_env()
     stop = StopRequest().install()
     group = None
     failure, code = None, 0
     try:
-        group = distributed.join(layout, settings, local_rank, failure_file=paths.failure)
+        group = distributed.join(layout, settings, local_rank)
         train(paths, flags, group, stop)
     except Stopped as error:
         failure, code = str(error), 128 + error.signal_number
@@ -121,18 +123,15 @@ def run_rank(local_rank: int, layout: distributed.Layout, settings: distributed.
         group.close(finished=True)
         if agreed and not failure:
             failure, code = agreed, 1
-    if failure:
-        write_failure(paths.failure, failure)
-        log.error("training failed: %s", failure)
-        return code
-    log.info("training complete")
-    return 0
+        if failure and group.distributed:
+            log.error("%s failed: %s", group.label, failure)
+    return code, failure
 
 
 def _describe(error: BaseException, group: distributed.Group | None) -> str:
     if isinstance(error, KeyboardInterrupt):
         return "interrupted by SIGINT twice: stopped at once, without saving a checkpoint"
-    if isinstance(error, distributed.DistributedError):
+    if isinstance(error, DistributedError):
         return str(error)
     peer = group.describe(error) if group is not None else None
     if peer:
