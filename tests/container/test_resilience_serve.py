@@ -451,7 +451,7 @@ def _stall(host: str, port: int, count: int) -> list[socket.socket]:
 
 
 def _documented_limit(answer: hostile.Answer) -> bool:
-    """README, Serving, Known limits: a body sent as application/x-www-form-urlencoded that is
+    """docs/serving.md, Known limits: a body sent as application/x-www-form-urlencoded that is
     not valid form data is refused by MMS itself, before any handler, with a 500 JSON message.
     Exactly that and nothing wider: another status, a body without a JSON message, any other
     Content-Type is judged by the normal rule."""
