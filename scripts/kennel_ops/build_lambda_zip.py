@@ -1,6 +1,6 @@
 """Build the Lambda deployment package: the same bytes from the same sources, every time.
 
-    python scripts/build_lambda_zip.py [build/lambda.zip]
+    kennel-lambda-zip [build/lambda.zip]             (make lambda-zip)
 
 The zip holds the function's modules (lambda/*.py) at its root, so the handler
 is ``kennel_lambda.handler``. It is reproducible: entries sorted by name, every
@@ -18,7 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from kennel_ops.checkout import REPO
+
 SOURCE_DIR = REPO / "lambda"
 DEFAULT_OUTPUT = REPO / "build" / "lambda.zip"
 HANDLER = "kennel_lambda.handler"
@@ -55,7 +56,7 @@ def build(output: Path = DEFAULT_OUTPUT, source_dir: Path = SOURCE_DIR) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kennel-lambda-zip", description=__doc__.split("\n\n")[0])
     parser.add_argument("output", nargs="?", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     try:

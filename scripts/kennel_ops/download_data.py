@@ -1,7 +1,7 @@
 """Download the dogImages dataset, unpack it and check that it is complete.
 
-    python scripts/download_data.py [--dest data] [--url URL]   (make data)
-    python scripts/download_data.py --check-only data/dogImages
+    kennel-download-data [--dest data] [--url URL]   (make data)
+    kennel-download-data --check-only data/dogImages
 
 The archive (about 1.1 GB) is downloaded to DEST/dogImages.zip.part and renamed
 when complete, so an interrupted download never passes for a finished one; a
@@ -104,7 +104,7 @@ def unpack(archive: Path, dest: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kennel-download-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dest", type=Path, default=Path("data"), help="folder for the archive and dogImages/")
     parser.add_argument("--url", default=DATA_URL)
     parser.add_argument("--check-only", type=Path, metavar="ROOT", help="only check an unpacked dataset")

@@ -1,11 +1,11 @@
 """Measure the Lambda function's cold start: module import, first call, warm call.
 
-    .venv/bin/python scripts/lambda_cold_start.py [--runs 15]
+    kennel-lambda-cold-start [--runs 15]
 
 Each run is a fresh Python process, as a new execution environment is. It
 imports the handler module (Lambda's init phase), calls it once (the first
 invocation: the client is created here) and once more (a warm invocation). The
-calls go over real HTTP to scripts/local_runtime.py, which forwards to a small
+calls go over real HTTP to kennel_ops.local_runtime, which forwards to a small
 server answering /invocations with 133 scores at once, so what is measured is
 the function's own cost, not the model's.
 
@@ -26,11 +26,9 @@ import sys
 import textwrap
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-from local_runtime import LocalRuntime  # noqa: E402
+from kennel_ops.checkout import REPO
+from kennel_ops.local_runtime import LocalRuntime
 
 ENDPOINT = "kennel-cold-start"
 SCORES = json.dumps([[round(0.01 * i - 0.66, 4) for i in range(133)]]).encode()
@@ -92,7 +90,7 @@ def measure(code: str, env: dict[str, str]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kennel-lambda-cold-start", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args(argv)
 

@@ -1,8 +1,8 @@
 """Fill the Lambda function's IAM policy templates for one account, region, endpoint and function.
 
-    python scripts/lambda_policy.py --region us-east-1 --account 123456789012 \\
+    kennel-lambda-policy --region us-east-1 --account 123456789012 \\
         --endpoint kennel-prod --function kennel-classify > policy.json
-    python scripts/lambda_policy.py --trust > trust-policy.json
+    kennel-lambda-policy --trust > trust-policy.json
 
 lambda/policy.json holds the placeholders {{PARTITION}}, {{REGION}},
 {{ACCOUNT_ID}}, {{ENDPOINT_NAME}} and {{FUNCTION_NAME}}; lambda/trust-policy.json
@@ -17,10 +17,11 @@ import argparse
 import json
 import re
 import sys
-from pathlib import Path
 from typing import Any
 
-LAMBDA_DIR = Path(__file__).resolve().parent.parent / "lambda"
+from kennel_ops.checkout import REPO
+
+LAMBDA_DIR = REPO / "lambda"
 POLICY_TEMPLATE = LAMBDA_DIR / "policy.json"
 TRUST_POLICY = LAMBDA_DIR / "trust-policy.json"
 _PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
@@ -64,7 +65,7 @@ def trust_policy() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kennel-lambda-policy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trust", action="store_true", help="print the role's trust policy instead")
     parser.add_argument("--region")
     parser.add_argument("--account")

@@ -2,8 +2,8 @@
 """Load-test a kennel endpoint and recommend its auto-scaling target.
 
     make loadtest                                   # start `serve` on ./model, ramp, report
-    python scripts/loadtest.py --url http://127.0.0.1:8080/invocations --container kennel-serve-1
-    python scripts/loadtest.py --workers 1,2 --threads 1,2   # sweep serving layouts
+    kennel-loadtest --url http://127.0.0.1:8080/invocations --container kennel-serve-1
+    kennel-loadtest --workers 1,2 --threads 1,2   # sweep serving layouts
 
 A ramp of concurrent clients posts dog-photo-sized JPEGs (500x375) until a step
 misses the criteria (100% success, p99 <= --target-p99) or the throughput stops
@@ -24,14 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from kennel_load import report as reports  # noqa: E402
-from kennel_load import serving  # noqa: E402
-from kennel_load.client import Target, run_closed_loop, wait_until_healthy, warm_up  # noqa: E402
-from kennel_load.docker_stats import ContainerSampler, mean_cpu, mean_memory_mib  # noqa: E402
-from kennel_load.payloads import dog_photos, load_photos  # noqa: E402
-from kennel_load.stats import StepSummary, ramp, summarize  # noqa: E402
+from kennel_ops.load import report as reports
+from kennel_ops.load import serving
+from kennel_ops.load.client import Target, run_closed_loop, wait_until_healthy, warm_up
+from kennel_ops.load.docker_stats import ContainerSampler, mean_cpu, mean_memory_mib
+from kennel_ops.load.payloads import dog_photos, load_photos
+from kennel_ops.load.stats import StepSummary, ramp, summarize
 
 DEFAULT_CONCURRENCY = "1,2,3,4,6,8,12,16,24,32"
 

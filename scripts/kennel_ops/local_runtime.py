@@ -1,6 +1,6 @@
 """A local stand-in for the SageMaker runtime API in front of a serving container.
 
-    python scripts/local_runtime.py --container-url http://127.0.0.1:8080 [--endpoint kennel-local] [--port 8081]
+    kennel-local-runtime --container-url http://127.0.0.1:8080 [--endpoint kennel-local] [--port 8081]
 
 It answers InvokeEndpoint (``POST /endpoints/<name>/invocations``) the way the
 real runtime does, so that boto3/botocore clients (the Lambda function,
@@ -197,7 +197,7 @@ class _RuntimeHandler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kennel-local-runtime", description=__doc__.split("\n\n")[0])
     parser.add_argument("--container-url", required=True, help="the serving container, e.g. http://127.0.0.1:8080")
     parser.add_argument("--endpoint", action="append", help="endpoint name(s) to answer for (default kennel-local)")
     parser.add_argument("--port", type=int, default=8081, help="port on 127.0.0.1 (0: any free port)")

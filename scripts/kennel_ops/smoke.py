@@ -2,7 +2,7 @@
 
     make smoke                                  # ./model, after `make train`
     MODEL_DIR=path/to/model make smoke
-    .venv/bin/python scripts/smoke.py --model-dir ./model
+    kennel-smoke --model-dir ./model            # or python -m kennel_ops.smoke
 
 Steps, each of which must pass:
 
@@ -15,7 +15,7 @@ Steps, each of which must pass:
 4. the image as JPEG bytes, as base64 JSON and as a URL on `images`: the top
    breeds are printed, and the three must agree;
 5. the Lambda handler (lambda/kennel_lambda.py), called in this process with
-   AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME pointing at scripts/local_runtime.py, which
+   AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME pointing at kennel_ops.local_runtime, which
    forwards to the container: its raw scores must equal the container's, its
    top-k the container's top-k; a bad event must get a 400.
 
@@ -42,11 +42,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-for _path in ("scripts", "lambda", "containers/artifact", "containers/train"):
-    sys.path.insert(0, str(REPO / _path))
-
-from local_runtime import LocalRuntime  # noqa: E402
+from kennel_ops.checkout import REPO
+from kennel_ops.local_runtime import LocalRuntime
 
 COMPOSE_FILES = (REPO / "compose.yaml", REPO / "compose.smoke.yaml")
 ENDPOINT = "kennel-smoke"
@@ -359,7 +356,7 @@ def _interrupt(*_: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kennel-smoke", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=Path(os.environ.get("MODEL_DIR") or REPO / "model"))
     parser.add_argument("--image", type=Path, help="a JPEG to classify (default: the bundled sample's first)")
     parser.add_argument("--serve-image", default=os.environ.get("KENNEL_SERVE_IMAGE", "kennel-serve:latest"))

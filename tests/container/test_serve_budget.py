@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from docker_cli import run
-from kennel_load import bombs
-from kennel_load.payloads import dog_photos
+from kennel_ops.load import bombs
+from kennel_ops.load.payloads import dog_photos
 
 pytestmark = pytest.mark.container
 

@@ -16,22 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import serve_support as support
 from docker_cli import COMPOSE_FILE, REPO, run
-from kennel_aws.images import git_commit
+from kennel_ops.aws.images import git_commit
 
 pytestmark = pytest.mark.container
 
 STARTUP_TIMEOUT_S = 240
-
-
-def serve_support():
-    import sys
-    sys.path.insert(0, str(REPO / "tests" / "contract"))
-    import serve_support as support
-    return support
-
-
-support = serve_support()
 PHOTO = support.jpeg_bytes((500, 375), seed=11)
 
 

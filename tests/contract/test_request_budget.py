@@ -24,13 +24,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bench_budget import BUDGET_MIB, Worker, reset_peak, _status_kib
-from serve_support import REPO, resnet18_base  # noqa: F401 (fixture)
+from kennel_ops.bench.budget import BUDGET_MIB, Worker, reset_peak, _status_kib
+from serve_support import resnet18_base  # noqa: F401 (fixture)
 
 
 def test_hostile_requests_are_answered_within_the_memory_budget(resnet18_base, tmp_path):  # noqa: F811
     report = tmp_path / "budget.json"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_budget.py"), "--model-dir",
+    result = subprocess.run([sys.executable, "-m", "kennel_ops.bench.budget", "--model-dir",
                              str(resnet18_base / "model"), "--json", str(report)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

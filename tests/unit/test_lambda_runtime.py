@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import kennel_lambda
-from local_runtime import LocalRuntime
+from kennel_ops.local_runtime import LocalRuntime
 
 ENDPOINT = "kennel-local"
 SCORES = [[0.25, -1.5, 2.0]]

@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from kennel_load.client import Outcome, Run, Target, run_closed_loop
-from kennel_load.report import ConfigurationResult, build_report, plot, step_table, summary_text, write_json
-from kennel_load.stats import (StepSummary, failure_reason, ideal_queue_waits, linear_fit, max_sustainable, percentile, ramp,
+from kennel_ops.load.client import Outcome, Run, Target, run_closed_loop
+from kennel_ops.load.report import ConfigurationResult, build_report, plot, step_table, summary_text, write_json
+from kennel_ops.load.stats import (StepSummary, failure_reason, ideal_queue_waits, linear_fit, max_sustainable, percentile, ramp,
                                recommended_invocations_per_instance, summarize, trend)
 from loadtest_server import CapacityServer
 
@@ -195,7 +195,7 @@ def test_report_json_plot_and_text(tmp_path):
 
 
 def test_the_layout_is_read_from_the_launchers_ready_line():
-    from kennel_load.serving import parse_layout
+    from kennel_ops.load.serving import parse_layout
     logs = ("kennel-serve: starting\nkennel-serve: ready: "
             "http://0.0.0.0:8080, 2 worker(s) x 1 engine thread(s) (2 for a request alone), 2.4 s after start\n")
     assert parse_layout(logs) == {"workers": 2, "threads": 1, "solo_threads": 2}

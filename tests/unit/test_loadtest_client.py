@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from kennel_load.client import Target, run_closed_loop, run_open_loop, server_timing, wait_until_healthy
-from kennel_load.payloads import PHOTO_SIZE, dog_photos, load_photos
-from kennel_load.stats import ideal_queue_waits, summarize
+from kennel_ops.load.client import Target, run_closed_loop, run_open_loop, server_timing, wait_until_healthy
+from kennel_ops.load.payloads import PHOTO_SIZE, dog_photos, load_photos
+from kennel_ops.load.stats import ideal_queue_waits, summarize
 from loadtest_server import CapacityServer
 
 PAYLOADS = [b"x" * 1000, b"y" * 2000]

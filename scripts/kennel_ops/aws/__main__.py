@@ -1,5 +1,5 @@
 import sys
 
-from kennel_aws.cli import main
+from kennel_ops.aws.cli import main
 
 sys.exit(main())

@@ -14,8 +14,8 @@ import json
 import math
 from pathlib import Path
 
-from kennel_aws.context import Aws, CliError, describe_or_none
-from kennel_aws.names import Names
+from kennel_ops.aws.context import Aws, CliError, describe_or_none
+from kennel_ops.aws.names import Names
 
 COMMAND = "autoscale"
 HELP = "target-tracking auto-scaling of the endpoint (min 1, max 4, 250 invocations/instance/min)"
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> None:
         raise CliError(f"--target must be positive, got {target:g}")
     endpoint = describe_or_none(aws.client("sagemaker").describe_endpoint, EndpointName=names.endpoint)
     if endpoint is None:
-        raise CliError(f"no endpoint {names.endpoint}: run `aws.py deploy` first")
+        raise CliError(f"no endpoint {names.endpoint}: run `kennel-aws deploy` first")
     if endpoint["EndpointStatus"] != "InService":
         raise CliError(f"endpoint {names.endpoint} is {endpoint['EndpointStatus']}: auto-scaling needs it InService")
 

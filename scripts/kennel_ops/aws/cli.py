@@ -1,4 +1,4 @@
-"""The command line: `python scripts/aws.py COMMAND [options]` (or `python -m kennel_aws`).
+"""The command line: `kennel-aws COMMAND [options]` (or `python -m kennel_ops.aws`).
 
 Every failure ends as ONE line on stderr and a non-zero exit status:
 1 for AWS, Docker and user-fixable failures, 2 for bad flags, 130 on Ctrl-C.
@@ -12,9 +12,9 @@ from typing import NoReturn, Sequence
 from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
                                  NoRegionError, PartialCredentialsError, ProfileNotFound, WaiterError)
 
-from kennel_aws import autoscale, deploy, function, push, role, teardown, train, tune
-from kennel_aws.context import CliError, DryRunViolation
-from kennel_aws.names import valid_name
+from kennel_ops.aws import autoscale, deploy, function, push, role, teardown, train, tune
+from kennel_ops.aws.context import CliError, DryRunViolation
+from kennel_ops.aws.names import valid_name
 
 COMMANDS = (push, role, train, tune, deploy, autoscale, function, teardown)
 
@@ -65,7 +65,7 @@ def shared_flags() -> argparse.ArgumentParser:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="aws.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="kennel-aws", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     parents = [shared_flags()]
     for module in COMMANDS:

@@ -10,7 +10,7 @@ When auto-scaling is registered, the update keeps the current instance count.
 Model data: --model-data S3URI, or --training-job NAME, or by default the
 newest completed training job of this deployment (tuning trials included).
 
-The model runs with the role NAME-endpoint (see kennel_aws.endpoint_role),
+The model runs with the role NAME-endpoint (see kennel_ops.aws.endpoint_role),
 which deploy creates or updates: it may read the deployed model.tar.gz object
 and pull the serving image, nothing else in S3, so a compromised serving
 container cannot write the artifacts a later deploy loads. --role-arn runs the
@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 
-from kennel_aws.context import Aws, CliError, describe_or_none
-from kennel_aws.ecr import newest_image_uri
-from kennel_aws.endpoint_role import ensure_endpoint_role, planned_role_arn, role_not_ready, serving_containers
-from kennel_aws.iam import retry_while_propagating
-from kennel_aws.names import VARIANT, Names
-from kennel_aws.s3 import parse_s3_uri
-from kennel_aws.training import csv_list, key_value
-from kennel_aws.waiting import Poll, wait_for
+from kennel_ops.aws.context import Aws, CliError, describe_or_none
+from kennel_ops.aws.ecr import newest_image_uri
+from kennel_ops.aws.endpoint_role import ensure_endpoint_role, planned_role_arn, role_not_ready, serving_containers
+from kennel_ops.aws.iam import retry_while_propagating
+from kennel_ops.aws.names import VARIANT, Names
+from kennel_ops.aws.s3 import parse_s3_uri
+from kennel_ops.aws.training import csv_list, key_value
+from kennel_ops.aws.waiting import Poll, wait_for
 
 COMMAND = "deploy"
 HELP = "create or update the endpoint NAME (model + endpoint config) and wait until InService"
@@ -111,7 +111,7 @@ def execution_role(aws: Aws, args: argparse.Namespace, names: Names, endpoint: d
     """The model's execution role ARN, and the containers the endpoint serves with NAME-endpoint now.
 
     NAME-endpoint is set to read the new container's artifact and, until the
-    endpoint has moved to it, the serving ones (see kennel_aws.endpoint_role).
+    endpoint has moved to it, the serving ones (see kennel_ops.aws.endpoint_role).
     """
     if args.role_arn:
         return args.role_arn, []
@@ -173,7 +173,7 @@ def refuse_instance_type_change(aws: Aws, current_config: str, instance_type: st
     current_type = current["ProductionVariants"][0]["InstanceType"]
     if current_type != instance_type:
         raise CliError(f"the endpoint is auto-scaled on {current_type}: to move to {instance_type}, run "
-                       "`aws.py autoscale --remove`, deploy, then `aws.py autoscale` again")
+                       "`kennel-aws autoscale --remove`, deploy, then `kennel-aws autoscale` again")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> None:
     if endpoint is not None and endpoint["EndpointStatus"] in FAILED:
         raise CliError(f"endpoint {names.endpoint} is {endpoint['EndpointStatus']} "
                        f"({endpoint.get('FailureReason', 'no reason given')}): "
-                       "delete it (aws.py teardown) and deploy again")
+                       "delete it (kennel-aws teardown) and deploy again")
     role_arn, serving = execution_role(aws, args, names, endpoint, container)
     model = model_request(aws, args, names, container, role_arn)
     config = config_request(aws, args, names, model["ModelName"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 import json
 
-from kennel_aws.context import Aws, CliError, describe_or_none
+from kennel_ops.aws.context import Aws, CliError, describe_or_none
 
 DNS_SUFFIX = {"aws": "amazonaws.com", "aws-cn": "amazonaws.com.cn", "aws-us-gov": "amazonaws.com"}
 
@@ -62,7 +62,7 @@ def newest_image_uri(aws: Aws, repository: str) -> str:
     ecr = aws.client("ecr")
     found = describe_or_none(ecr.describe_repositories, repositoryNames=[repository])
     if found is None:
-        raise CliError(f"no ECR repository {repository}: run `aws.py push` first, or pass --image")
+        raise CliError(f"no ECR repository {repository}: run `kennel-aws push` first, or pass --image")
     newest = None
     for page in ecr.get_paginator("describe_images").paginate(repositoryName=repository,
                                                               filter={"tagStatus": "TAGGED"}):
@@ -70,5 +70,5 @@ def newest_image_uri(aws: Aws, repository: str) -> str:
             if detail.get("imageTags") and (newest is None or detail["imagePushedAt"] > newest["imagePushedAt"]):
                 newest = detail
     if newest is None:
-        raise CliError(f"ECR repository {repository} has no tagged image: run `aws.py push` first, or pass --image")
+        raise CliError(f"ECR repository {repository} has no tagged image: run `kennel-aws push` first, or pass --image")
     return f"{found['repositories'][0]['repositoryUri']}:{sorted(newest['imageTags'])[0]}"

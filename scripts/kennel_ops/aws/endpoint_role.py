@@ -23,11 +23,11 @@ import re
 
 from botocore.exceptions import ClientError
 
-from kennel_aws.context import Aws, CliError, describe_or_none
-from kennel_aws.iam import ensure_role
-from kennel_aws.names import Names
-from kennel_aws.role import VPC_ACTIONS, trust_policy
-from kennel_aws.s3 import parse_s3_uri
+from kennel_ops.aws.context import Aws, CliError, describe_or_none
+from kennel_ops.aws.iam import ensure_role
+from kennel_ops.aws.names import Names
+from kennel_ops.aws.role import VPC_ACTIONS, trust_policy
+from kennel_ops.aws.s3 import parse_s3_uri
 
 POLICY_NAME = "kennel-endpoint-execution"
 METRICS_NAMESPACE = "/aws/sagemaker/Endpoints"

@@ -41,10 +41,11 @@ from pathlib import Path
 
 from botocore.exceptions import ClientError
 
-from kennel_aws.context import Aws, CliError, describe_or_none
-from kennel_aws.iam import ensure_role, retry_while_propagating
-from kennel_aws.names import ALIAS, Names
-from kennel_aws.waiting import Poll, wait_for
+from kennel_ops import build_lambda_zip, lambda_policy
+from kennel_ops.aws.context import Aws, CliError, describe_or_none
+from kennel_ops.aws.iam import ensure_role, retry_while_propagating
+from kennel_ops.aws.names import ALIAS, Names
+from kennel_ops.aws.waiting import Poll, wait_for
 
 COMMAND = "lambda"
 HELP = "the Lambda function with least-privilege role, version, alias `live` and provisioned concurrency"
@@ -87,7 +88,6 @@ def package(args: argparse.Namespace) -> bytes:
             return args.zip.read_bytes()
         except OSError as error:
             raise CliError(f"cannot read --zip {args.zip}: {error.strerror}") from None
-    import build_lambda_zip  # scripts/build_lambda_zip.py: the reproducible package builder
     return build_lambda_zip.build().read_bytes()
 
 
@@ -97,7 +97,6 @@ def code_sha256(code: bytes) -> str:
 
 
 def ensure_lambda_role(aws: Aws, names: Names) -> tuple[str, bool]:
-    import lambda_policy  # scripts/lambda_policy.py: fills lambda/policy.json's placeholders
     try:
         policy = lambda_policy.function_policy(aws.region, aws.account, names.endpoint, names.function,
                                                partition=aws.partition)

@@ -6,7 +6,7 @@ from typing import Callable, TypeVar
 
 from botocore.exceptions import ClientError
 
-from kennel_aws.context import Aws, describe_or_none
+from kennel_ops.aws.context import Aws, describe_or_none
 
 T = TypeVar("T")
 # A new role can take several seconds to be usable by other services.

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kennel_aws.context import CliError, Console
+from kennel_ops.aws.context import CliError, Console
+from kennel_ops.checkout import REPO
 
 VERSION_LABEL = "org.opencontainers.image.version"
 REVISION_LABEL = "org.opencontainers.image.revision"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PROGRESS_EVERY_S = 15.0
 
 
@@ -44,7 +44,7 @@ def local_image(client: Any, reference: str) -> Any:
         raise CliError(f"no local image {reference}: build it first (make images)") from None
 
 
-def git_commit(root: Path = REPO_ROOT) -> str | None:
+def git_commit(root: Path = REPO) -> str | None:
     """The checkout's commit (12 hex), with -dirty when tracked files are modified."""
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], check=True,

@@ -18,10 +18,10 @@ import argparse
 import sys
 from typing import Any
 
-from kennel_aws.context import Aws, CliError, Console, describe_or_none, to_json
-from kennel_aws.ecr import auth_config, ensure_repository
-from kennel_aws.images import docker_client, git_commit, image_tag, local_image, push, registry_digest
-from kennel_aws.names import Names
+from kennel_ops.aws.context import Aws, CliError, Console, describe_or_none, to_json
+from kennel_ops.aws.ecr import auth_config, ensure_repository
+from kennel_ops.aws.images import docker_client, git_commit, image_tag, local_image, push, registry_digest
+from kennel_ops.aws.names import Names
 
 COMMAND = "push"
 HELP = "push kennel-train and kennel-serve to ECR (or --registry) and print their URIs"

@@ -12,17 +12,17 @@ AmazonSageMakerFullAccess:
 The trust policy lets only SageMaker assume it, only for this account. The
 train and tune commands use this role unless given --role-arn. The endpoint
 runs with a role of its own, NAME-endpoint, that deploy manages (it must not
-write where models live: see kennel_aws.endpoint_role); NAME-sagemaker keeps
+write where models live: see kennel_ops.aws.endpoint_role); NAME-sagemaker keeps
 the NAME-serve pull and the VPC calls for a deploy given it with --role-arn.
 """
 from __future__ import annotations
 
 import argparse
 
-from kennel_aws.context import Aws, CliError
-from kennel_aws.iam import ensure_role
-from kennel_aws.names import Names
-from kennel_aws.s3 import S3Uri, s3_uri
+from kennel_ops.aws.context import Aws, CliError
+from kennel_ops.aws.iam import ensure_role
+from kennel_ops.aws.names import Names
+from kennel_ops.aws.s3 import S3Uri, s3_uri
 
 COMMAND = "role"
 HELP = "create/update the least-privilege SageMaker execution role NAME-sagemaker"

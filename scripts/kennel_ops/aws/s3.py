@@ -5,7 +5,7 @@ import argparse
 import re
 from dataclasses import dataclass
 
-from kennel_aws.context import Aws
+from kennel_ops.aws.context import Aws
 
 BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 

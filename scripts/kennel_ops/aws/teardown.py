@@ -25,10 +25,10 @@ from typing import Callable
 
 from botocore.exceptions import ClientError
 
-from kennel_aws import autoscale
-from kennel_aws.context import DEPLOYMENT_TAG, Aws, CliError, describe_or_none, is_not_found
-from kennel_aws.names import ALIAS, Names
-from kennel_aws.waiting import Poll, wait_for
+from kennel_ops.aws import autoscale
+from kennel_ops.aws.context import DEPLOYMENT_TAG, Aws, CliError, describe_or_none, is_not_found
+from kennel_ops.aws.names import ALIAS, Names
+from kennel_ops.aws.waiting import Poll, wait_for
 
 COMMAND = "teardown"
 HELP = "delete the endpoint, scaling, Lambda, roles (and with --delete-images the ECR repositories)"

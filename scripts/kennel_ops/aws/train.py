@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import re
 
-from kennel_aws.context import Aws, CliError, describe_or_none
-from kennel_aws.names import Names
-from kennel_aws.training import (CHECKPOINT_LOCAL_PATH, TENSORBOARD_LOCAL_PATH, add_job_arguments, check_data,
+from kennel_ops.aws.context import Aws, CliError, describe_or_none
+from kennel_ops.aws.names import Names
+from kennel_ops.aws.training import (CHECKPOINT_LOCAL_PATH, TENSORBOARD_LOCAL_PATH, add_job_arguments, check_data,
                                  check_pretrained, final_metrics, hyperparameters, job_definition,
                                  load_metric_definitions, resolve_image, resolve_inputs, resolve_role)
-from kennel_aws.waiting import Poll, wait_for
+from kennel_ops.aws.waiting import Poll, wait_for
 
 COMMAND = "train"
 HELP = "run a SageMaker training job (managed spot, checkpoints, TensorBoard) and show its metrics"

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kennel_aws.context import Aws, CliError, describe_or_none
-from kennel_aws.ecr import newest_image_uri
-from kennel_aws.names import Names
-from kennel_aws.s3 import S3Uri, has_objects, s3_uri
+from kennel_ops.aws.context import Aws, CliError, describe_or_none
+from kennel_ops.aws.ecr import newest_image_uri
+from kennel_ops.aws.names import Names
+from kennel_ops.aws.s3 import S3Uri, has_objects, s3_uri
+from kennel_ops.checkout import REPO
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-METRIC_DEFINITIONS = REPO_ROOT / "containers" / "train" / "kennel_train" / "metric_definitions.json"
+METRIC_DEFINITIONS = REPO / "containers" / "train" / "kennel_train" / "metric_definitions.json"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 TENSORBOARD_LOCAL_PATH = "/opt/ml/output/tensorboard"
 # SageMaker limits: 100 hyperparameters, keys 256 and values 2500 characters; 40 metric definitions.
@@ -166,7 +166,7 @@ def resolve_role(aws: Aws, args: argparse.Namespace, names: Names) -> str:
         return args.role_arn
     found = describe_or_none(aws.client("iam").get_role, RoleName=names.sagemaker_role)
     if found is None:
-        raise CliError(f"no role {names.sagemaker_role}: run `aws.py role --bucket BUCKET` first, or pass --role-arn")
+        raise CliError(f"no role {names.sagemaker_role}: run `kennel-aws role --bucket BUCKET` first, or pass --role-arn")
     return found["Role"]["Arn"]
 
 

@@ -12,17 +12,17 @@ share one job definition, so a shared path would let one trial resume from
 another's weights; an interrupted trial restarts instead.
 
 It waits (unless --no-wait), then prints the best training job and its
-hyperparameters; deploy it with `aws.py deploy --training-job BEST`.
+hyperparameters; deploy it with `kennel-aws deploy --training-job BEST`.
 """
 from __future__ import annotations
 
 import argparse
 
-from kennel_aws.context import Aws, CliError, describe_or_none
-from kennel_aws.names import TUNING_NAME_MAX, Names
-from kennel_aws.training import (add_job_arguments, check_data, check_pretrained, hyperparameters,
+from kennel_ops.aws.context import Aws, CliError, describe_or_none
+from kennel_ops.aws.names import TUNING_NAME_MAX, Names
+from kennel_ops.aws.training import (add_job_arguments, check_data, check_pretrained, hyperparameters,
                                  job_definition, load_metric_definitions, resolve_image, resolve_inputs, resolve_role)
-from kennel_aws.waiting import Poll, wait_for
+from kennel_ops.aws.waiting import Poll, wait_for
 
 COMMAND = "tune"
 HELP = "run a hyperparameter tuning job (learning rate, batch size) minimising validation loss"
@@ -161,4 +161,4 @@ def report(aws: Aws, description: dict) -> None:
         aws.console.result(f"objective {objective['MetricName']} {objective['Value']:g}")
     for key, value in sorted((best.get("TunedHyperParameters") or {}).items()):
         aws.console.result(f"hyperparameter {key} {value}")
-    aws.console.note(f"deploy it: python scripts/aws.py deploy --training-job {best['TrainingJobName']}")
+    aws.console.note(f"deploy it: kennel-aws deploy --training-job {best['TrainingJobName']}")

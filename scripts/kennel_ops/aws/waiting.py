@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from kennel_aws.context import CliError, Console
+from kennel_ops.aws.context import CliError, Console
 
 
 @dataclass(frozen=True)

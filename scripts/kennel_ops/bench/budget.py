@@ -1,12 +1,12 @@
 """Request budget: what each hostile request costs a serving worker, beside a plain photo.
 
-    python scripts/bench_budget.py                         # ResNet-50, 133 classes, random weights
-    python scripts/bench_budget.py --model-dir model --json budget.json
+    kennel-bench-budget                         # ResNet-50, 133 classes, random weights
+    kennel-bench-budget --model-dir model --json budget.json
 
 Runs the worker's own request path in this process: kennel_serve's transformer
 and handlers (input_fn -> predict_fn -> output_fn) inside sagemaker-inference,
 with MMS's request context, the model loaded and warmed up as a worker does.
-Each request of kennel_load.bombs, and a 500 x 375 JPEG first for reference,
+Each request of kennel_ops.load.bombs, and a 500 x 375 JPEG first for reference,
 is measured alone: the resident-set high-water mark is reset (/proc/self/clear_refs)
 after freed memory has gone back to the system (malloc_trim), so the figure is
 what that one request added to an idle worker.
@@ -25,12 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-# Run from a checkout: the packages sit beside scripts/ (pytest puts them on the path itself).
-for _path in ("containers/artifact", "containers/serve", "scripts"):
-    if str(REPO / _path) not in sys.path:
-        sys.path.append(str(REPO / _path))
 
 BUDGET_MIB = 256
 
@@ -82,8 +76,8 @@ class Worker:
 
 
 def measure(model_dir: Path) -> list[dict]:
-    from kennel_load import bombs
-    from kennel_load.payloads import dog_photos
+    from kennel_ops.load import bombs
+    from kennel_ops.load.payloads import dog_photos
 
     worker = Worker(model_dir)
     requests = [bombs.BudgetCase("500 x 375 JPEG (a typical dog photo)", dog_photos(1, seed=3)[0],
@@ -102,14 +96,14 @@ def measure(model_dir: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kennel-bench-budget", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, help="a kennel model dir (default: a random ResNet-50, 133 classes)")
     parser.add_argument("--budget-mib", type=float, default=BUDGET_MIB, help="most a request may add (MiB)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     if args.model_dir is None:
-        from bench_serve import write_random_model
+        from kennel_ops.bench.models import write_random_model
         args.model_dir = write_random_model(Path(tempfile.mkdtemp(prefix="kennel-budget-")) / "model",
                                             "resnet50", num_classes=133)
     rows = measure(args.model_dir.resolve())

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """One host vs two hosts on this machine: epoch time and the bytes all-reduced per step.
 
-    .venv/bin/python scripts/bench_distributed.py [--architecture resnet50] [--train-per-class 48]
+    kennel-bench-distributed [--architecture resnet50] [--train-per-class 48]
 
 Runs the real training entry point (the sagemaker-training toolkit's `train`
 with kennel_train.main) on a generated dataset, side by side in one run:
@@ -33,16 +32,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "containers" / "train"), str(REPO / "containers" / "artifact")]
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-
-from kennel_train.model import build_network  # noqa: E402
-from kennel_train.sample import generate  # noqa: E402
+from kennel_train.model import build_network
+from kennel_train.sample import generate
 
 TRAIN = Path(sys.executable).with_name("train")
 
@@ -68,7 +64,7 @@ def run_job(root: Path, dataset: Path, hosts: list[str], cores: list[set[int]], 
         (base / "input" / "data").mkdir(parents=True)
         (base / "input" / "data" / "training").symlink_to(dataset)
         env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": "kennel_train.main:main",
-               "PYTHONPATH": os.pathsep.join(sys.path[:2]), "KENNEL_DIST_PORT": str(port),
+               "KENNEL_DIST_PORT": str(port),
                "KENNEL_DIST_ADDRESSES": ",".join(f"{h}=127.0.0.1" for h in hosts)}
         log = open(base / "train.log", "w")
         processes[host] = (subprocess.Popen([str(TRAIN)], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -144,8 +140,8 @@ def communication(architecture: str, classes: int, freeze_backbone: bool, repeat
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kennel-bench-distributed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--architecture", default="resnet50")
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--train-per-class", type=int, default=32)
@@ -155,7 +151,7 @@ def main() -> None:
     parser.add_argument("--communication-only", action="store_true", help="skip the training runs")
     parser.add_argument("--comm-classes", type=int, default=133,
                         help="classes of the head whose all-reduce is measured (133: dogImages)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     cpus = sorted(os.sched_getaffinity(0))
     halves = [set(cpus[: max(1, len(cpus) // 2)]), set(cpus[len(cpus) // 2:]) or set(cpus)]
@@ -199,6 +195,7 @@ def main() -> None:
               + f" = {payload / 2**20:.2f} MiB of fp32 gradients; a rank of 2 sends {ring / 2**20:.2f} MiB; "
               f"gloo on the loopback {seconds * 1000:.1f} ms; x {steps} steps of this run's epoch = "
               f"{steps * seconds:.2f} s")
+    return 0
 
 def platform_cpu() -> str:
     try:
@@ -211,4 +208,4 @@ def platform_cpu() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Serving benchmark: the serving image against its in-process engine and the original's way.
 
-    python scripts/bench_serve.py                      # ResNet-50, 133 classes, layouts 2x1/2, 1x2, 2x1
-    python scripts/bench_serve.py --layouts 1x2,2x1,1x1 --rounds 5 --json bench.json
+    kennel-bench-serve                      # ResNet-50, 133 classes, layouts 2x1/2, 1x2, 2x1
+    kennel-bench-serve --layouts 1x2,2x1,1x1 --rounds 5 --json bench.json
 
 Everything is measured side by side in one run on this machine (shared hosts are
 noisy, so only ratios taken in the same run count), with a random-weight model
@@ -30,7 +30,7 @@ Targets (docs/benchmarks.md): served p50 <= 1.15 x in-process (same threads);
 throughput >= 0.85 x CPUs / single-thread in-process time; served p50 at least 2 x
 faster than the original's way; cold start <= 10 s; image <= 1 GB.
 
-write_random_model / build_network are also what the tests use to make models.
+The random-weight models come from kennel_ops.bench.models (the tests make theirs there too).
 """
 from __future__ import annotations
 
@@ -46,68 +46,15 @@ import sys
 import tempfile
 import time
 import uuid
-import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# Run from a checkout: the packages sit beside scripts/ (pytest puts them on the path itself).
-for _path in ("containers/artifact", "containers/serve", "containers/train", "scripts"):
-    if str(REPO / _path) not in sys.path:
-        sys.path.append(str(REPO / _path))
+import kennel_artifact
 
-import kennel_artifact  # noqa: E402
+from kennel_ops.bench.models import build_network, write_random_model
+from kennel_ops.checkout import REPO
+
 TARGETS = {"latency_ratio_max": 1.15, "throughput_ratio_min": 0.85, "speedup_vs_original_min": 2.0,
            "cold_start_s_max": 10.0, "image_bytes_max": 1_000_000_000}
-
-
-# --------------------------------------------------------------------------- models
-
-def class_names(count: int) -> list[str]:
-    """dogImages-style folder names, sorted: '001.Breed_1' ... """
-    return [f"{i:03d}.Breed_{i}" for i in range(1, count + 1)]
-
-
-def build_network(architecture: str, num_classes: int):
-    """torchvision network, random weights, with the original system's head; eval mode."""
-    import torch
-    import torchvision
-
-    model = getattr(torchvision.models, architecture)(weights=None)
-    model.fc = torch.nn.Sequential(torch.nn.Linear(model.fc.in_features, 128), torch.nn.ReLU(inplace=True),
-                                   torch.nn.Linear(128, num_classes))
-    return model.eval()
-
-
-def write_random_model(model_dir: str | Path, architecture: str = "resnet18", num_classes: int = 5,
-                       preprocessing: kennel_artifact.Preprocessing = kennel_artifact.IMAGENET_EVAL,
-                       seed: int = 0, weights: bool = False) -> Path:
-    """A kennel model dir from a torchvision network with random weights (no download).
-
-    weights=True also writes model.pth (the PyTorch state_dict) for an eager baseline.
-    """
-    import torch
-    import torchvision
-
-    torch.manual_seed(seed)
-    model = build_network(architecture, num_classes)
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    height, width = preprocessing.input_size
-    example = torch.zeros(1, 3, height, width)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(model, (example,), str(model_dir / kennel_artifact.ONNX_FILE),
-                          input_names=[kennel_artifact.ONNX_INPUT], output_names=[kennel_artifact.ONNX_OUTPUT],
-                          dynamic_axes={kennel_artifact.ONNX_INPUT: {0: "batch"},
-                                        kennel_artifact.ONNX_OUTPUT: {0: "batch"}},
-                          dynamo=False)
-    if weights:
-        torch.save(model.state_dict(), model_dir / kennel_artifact.WEIGHTS_FILE)
-    manifest = kennel_artifact.Manifest(
-        architecture=architecture, class_names=class_names(num_classes), preprocessing=preprocessing,
-        head={"hidden": 128}, versions={"torch": torch.__version__, "torchvision": torchvision.__version__})
-    kennel_artifact.write_manifest(model_dir, manifest)
-    return model_dir
 
 
 # --------------------------------------------------------------------------- in process
@@ -268,7 +215,7 @@ class ServedOnHost:
 
 def first_answer(server, payload: bytes, timeout_s: float = 300) -> float:
     """Seconds from the server's start to its first 200 from POST /invocations."""
-    from kennel_load.client import Connection, Target
+    from kennel_ops.load.client import Connection, Target
     connection = Connection(Target(server.url, timeout_s=10))
     while time.monotonic() - server.started < timeout_s:
         try:
@@ -312,8 +259,8 @@ def build_plugin(directory: Path) -> Path:
 
 def sequential(url: str, payloads: list[bytes], count: int) -> tuple[float, float | None]:
     """p50 of one request at a time, and p50 of the worker's own time (Server-Timing) when the server says."""
-    from kennel_load.client import Target, run_closed_loop
-    from kennel_load.stats import summarize
+    from kennel_ops.load.client import Target, run_closed_loop
+    from kennel_ops.load.stats import summarize
     step = summarize(run_closed_loop(Target(url), payloads, 1, duration_s=600, max_requests=count))
     if step.successes != step.requests:
         raise RuntimeError(f"failed requests: {step.errors}")
@@ -321,8 +268,8 @@ def sequential(url: str, payloads: list[bytes], count: int) -> tuple[float, floa
 
 
 def saturation(url: str, payloads: list[bytes], workers: int, seconds: float) -> dict:
-    from kennel_load.client import Target, run_closed_loop
-    from kennel_load.stats import summarize
+    from kennel_ops.load.client import Target, run_closed_loop
+    from kennel_ops.load.stats import summarize
     steps = {}
     for in_flight in (workers, 2 * workers, 4 * workers):
         step = summarize(run_closed_loop(Target(url), payloads, in_flight, duration_s=seconds, max_requests=10**6))
@@ -360,7 +307,7 @@ def layout_label(workers: int, threads: int, solo: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kennel-bench-serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default=os.environ.get("KENNEL_SERVE_IMAGE", "kennel-serve:latest"))
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--classes", type=int, default=133)
@@ -384,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.priority:
         prioritize_self()
         cgroup_parent = priority_cgroup() if args.server == "docker" else None
-    from kennel_load.payloads import dog_photos
+    from kennel_ops.load.payloads import dog_photos
     from kennel_serve.cpus import available_cpus
 
     cpus = available_cpus()

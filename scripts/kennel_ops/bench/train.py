@@ -1,8 +1,8 @@
 """Training benchmark: the training loop against its baselines, side by side in one run.
 
-    python scripts/bench_train.py                       # ResNet-50, batch 32, 96 JPEGs, 2 rounds
-    python scripts/bench_train.py --images 64 --rounds 3 --json bench-train.json
-    python scripts/bench_train.py --accuracy-epochs 4   # also: what bf16 does to validation accuracy
+    kennel-bench-train                       # ResNet-50, batch 32, 96 JPEGs, 2 rounds
+    kennel-bench-train --images 64 --rounds 3 --json bench-train.json
+    kennel-bench-train --accuracy-epochs 4   # also: what bf16 does to validation accuracy
 
 Data: generated 500x375 JPEGs (kennel_train.sample, the size of a typical dog
 photo), nothing downloaded; random weights (throughput does not depend on them).
@@ -46,15 +46,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-REPO = Path(__file__).resolve().parents[1]
-for _path in ("containers/artifact", "containers/train"):
-    if str(REPO / _path) not in sys.path:
-        sys.path.append(str(REPO / _path))
-
-from kennel_artifact import IMAGENET_EVAL  # noqa: E402
-from kennel_train import data, device, distributed, loop  # noqa: E402
-from kennel_train.model import SplitModel, build_network  # noqa: E402
-from kennel_train.sample import generate  # noqa: E402
+from kennel_artifact import IMAGENET_EVAL
+from kennel_train import data, device, distributed, loop
+from kennel_train.model import SplitModel, build_network
+from kennel_train.sample import generate
 
 
 class _NeverStop:
@@ -189,7 +184,7 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kennel-bench-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--architecture", default="resnet50")
     parser.add_argument("--images", type=int, default=96, help="training images (split over 3 classes)")
     parser.add_argument("--batch-size", type=int, default=32)

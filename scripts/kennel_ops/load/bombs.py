@@ -10,7 +10,7 @@ json cannot read, custom attributes str.isdigit() accepts and int() refuses.
 
 ``expect`` is what the answer must be: 200 for a request the budget admits (the
 largest photo it takes), else the 4xx that refuses it. Used by the budget tests
-(in process and against the image) and by scripts/bench_budget.py.
+(in process and against the image) and by kennel-bench-budget (kennel_ops.bench.budget).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from kennel_load.hostile import _png_chunk, jpeg_declaring
+from kennel_ops.load.hostile import _png_chunk, jpeg_declaring
 
 
 @dataclass(frozen=True)

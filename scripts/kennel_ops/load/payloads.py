@@ -7,23 +7,13 @@ from __future__ import annotations
 
 import io
 import random
-import sys
 from pathlib import Path
 
 from PIL import Image
 
+from kennel_train.sample import draw_image
+
 PHOTO_SIZE = (500, 375)
-_TRAIN_PACKAGE = Path(__file__).resolve().parents[2] / "containers" / "train"
-
-
-def _draw_image():
-    try:
-        from kennel_train.sample import draw_image
-    except ImportError:
-        # Run from a checkout (make loadtest): the training package sits beside scripts/.
-        sys.path.insert(0, str(_TRAIN_PACKAGE))
-        from kennel_train.sample import draw_image
-    return draw_image
 
 
 def dog_photos(count: int = 8, seed: int = 0, size: tuple[int, int] = PHOTO_SIZE,
@@ -31,7 +21,6 @@ def dog_photos(count: int = 8, seed: int = 0, size: tuple[int, int] = PHOTO_SIZE
     """count distinct JPEGs, cycling over the sample classes."""
     if count < 1:
         raise ValueError("count must be at least 1")
-    draw_image = _draw_image()
     rng = random.Random(f"kennel-load/{seed}")
     photos = []
     for i in range(count):

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kennel_load.stats import StepSummary, max_sustainable, recommended_invocations_per_instance
+from kennel_ops.load.stats import StepSummary, max_sustainable, recommended_invocations_per_instance
 
 REPORT_FORMAT = 1
 METHOD = "max sustainable requests/s per instance x 60 x safety factor (invocations per instance per minute)"

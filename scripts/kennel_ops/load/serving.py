@@ -17,9 +17,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from kennel_load.client import Target, wait_until_healthy
+from kennel_ops.checkout import REPO
+from kennel_ops.load.client import Target, wait_until_healthy
 
-REPO = Path(__file__).resolve().parents[2]
 SERVICE = "serve"
 WORKERS_VARIABLE = "SAGEMAKER_MODEL_SERVER_WORKERS"
 THREADS_VARIABLE = "KENNEL_ORT_THREADS"  # ONNX Runtime intra-op threads per worker (containers/serve)

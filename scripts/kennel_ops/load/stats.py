@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from kennel_load.client import Run
+from kennel_ops.load.client import Run
 
 PERCENTILES = (50, 90, 95, 99)
 
