@@ -71,7 +71,7 @@ MEMORY_REL_TOLERANCE = 0.02
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from bench_serve import write_random_model
+    from kennel_ops.bench.models import write_random_model
     directory = write_random_model(tmp_path_factory.mktemp("resilience-model"), architecture="resnet18",
                                    num_classes=133, seed=7)
     for path in directory.iterdir():  # the container's unprivileged user reads them

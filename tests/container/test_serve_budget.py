@@ -99,7 +99,7 @@ SLOW_URLS = {
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from bench_serve import write_random_model
+    from kennel_ops.bench.models import write_random_model
     directory = write_random_model(tmp_path_factory.mktemp("budget-model"), architecture="resnet18",
                                    num_classes=133, seed=5)
     for path in directory.iterdir():  # the container's unprivileged user reads them

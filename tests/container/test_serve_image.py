@@ -29,7 +29,7 @@ PHOTO = support.jpeg_bytes((500, 375), seed=11)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random-weight ResNet-18 artifact, readable by the image's unprivileged user."""
-    from bench_serve import write_random_model
+    from kennel_ops.bench.models import write_random_model
     directory = tmp_path_factory.mktemp("serve-model") / "model"
     write_random_model(directory, "resnet18", num_classes=5)
     return directory
@@ -225,7 +225,7 @@ def test_a_model_of_the_original_system_is_converted_and_answers_like_the_origin
     from PIL import Image
     from torchvision import transforms
 
-    from bench_serve import build_network
+    from kennel_ops.bench.models import build_network
 
     torch.manual_seed(3)
     original = build_network("resnet50", 133)  # the original head: Linear(2048,128)-ReLU-Linear(128,133)
