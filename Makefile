@@ -2,11 +2,16 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PYTHON ?= python3
+# Two environments, both with scripts/kennel_ops installed editable (pyproject.toml):
+# .venv, the dev one (torch and the images' packages): the tests and the benchmarks;
+# .venv-ops, the light one (boto3, requests, pillow; no torch): demo, smoke, loadtest, AWS.
 VENV := .venv
+OPS_VENV := .venv-ops
 # PEM bundle that pip trusts inside image builds only (see containers/build-ca/README.md).
 EXTRA_CA_BUNDLE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
 export DOCKER_BUILDKIT := 0
 PY := $(VENV)/bin/python
+OPS := $(OPS_VENV)/bin
 COMPOSE ?= docker compose
 TRAIN_IMAGE ?= kennel-train:latest
 SERVE_IMAGE ?= kennel-serve:latest
@@ -21,23 +26,37 @@ AS_ME := KENNEL_UID=$(shell id -u) KENNEL_GID=$(shell id -g)
 KENNEL_DATA_DIR ?=
 # Folder with the architecture's torchvision ImageNet .pth (pretrained=true); empty: none.
 KENNEL_PRETRAINED_DIR ?=
-# The Lambda deployment package (scripts/build_lambda_zip.py; the AWS deploy reads it here).
+# The Lambda deployment package (kennel-lambda-zip; the AWS deploy reads it here).
 LAMBDA_ZIP ?= build/lambda.zip
 
-.PHONY: help setup venv build-ca test test-host images image-train image-serve train train-distributed sample data demo clean lambda-zip smoke
-.PHONY: loadtest serve bench-serve bench-budget
+.PHONY: help setup setup-test venv ops-venv build-ca test test-host images image-train image-serve train train-distributed
+.PHONY: sample data demo clean lambda-zip smoke loadtest serve bench-serve bench-budget bench-train
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
-setup: ## install and start the Docker engine, compose plugin and base image (Debian 12, root)
+setup: ## the Docker engine, compose plugin and base image: installed and started where missing (seconds when ready)
 	bash scripts/setup-docker.sh
 
-venv: $(VENV)/.installed ## host virtualenv for tests and operator scripts (from requirements-dev.lock)
-$(VENV)/.installed: requirements-dev.lock
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade 'pip==25.3'
-	$(VENV)/bin/pip install -q -r requirements-dev.lock
-	touch $@
+setup-test: ## setup, plus the host packages the test suite drives (docker-registry, a JDK)
+	bash scripts/setup-docker.sh --test-tools
+
+# A venv: pinned pip, the lock, then this checkout's kennel_ops editable (no dependencies:
+# the lock has them). Rebuilt when its lock or pyproject.toml changes.
+define make-venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade 'pip==25.3'
+	$(1)/bin/pip install -q -r $(2)
+	$(1)/bin/pip install -q --no-deps -e .
+	touch $(1)/.installed
+endef
+
+venv: $(VENV)/.installed ## .venv: the dev environment for the tests and benchmarks (requirements-dev.lock, torch)
+$(VENV)/.installed: requirements-dev.lock pyproject.toml
+	$(call make-venv,$(VENV),requirements-dev.lock)
+
+ops-venv: $(OPS_VENV)/.installed ## .venv-ops: the operator commands without torch (requirements-ops.lock)
+$(OPS_VENV)/.installed: requirements-ops.lock pyproject.toml
+	$(call make-venv,$(OPS_VENV),requirements-ops.lock)
 
 build-ca: ## copy EXTRA_CA_BUNDLE into the build context (empty file when unset)
 	@if [ -n "$(EXTRA_CA_BUNDLE)" ]; then cmp -s "$(EXTRA_CA_BUNDLE)" containers/build-ca/extra-ca.crt \
@@ -64,13 +83,18 @@ serve: image-serve ## serve ./model on 127.0.0.1:8080 with docker compose (KENNE
 	$(if $(KENNEL_MODEL_DIR),KENNEL_MODEL_DIR=$(abspath $(KENNEL_MODEL_DIR))) KENNEL_SERVE_IMAGE=$(SERVE_IMAGE) \
 	  $(COMPOSE) up serve
 
-# Extra flags for scripts/bench_serve.py, e.g. BENCH_SERVE_ARGS='--layouts 1x2,2x1,1x1 --json bench.json'.
+# Extra flags for kennel-bench-serve, e.g. BENCH_SERVE_ARGS='--layouts 1x2,2x1,1x1 --json bench.json'.
 BENCH_SERVE_ARGS ?=
 bench-serve: venv image-serve ## serving benchmark: latency and throughput vs in-process and the original, cold start, size
-	$(PY) scripts/bench_serve.py --image $(SERVE_IMAGE) $(BENCH_SERVE_ARGS)
+	$(VENV)/bin/kennel-bench-serve --image $(SERVE_IMAGE) $(BENCH_SERVE_ARGS)
 
 bench-budget: venv ## request budget: memory and time of each hostile request on a worker's own path (ResNet-50)
-	$(PY) scripts/bench_budget.py
+	$(VENV)/bin/kennel-bench-budget
+
+# Extra flags for kennel-bench-train, e.g. BENCH_TRAIN_ARGS='--accuracy-epochs 4 --json bench-train.json'.
+BENCH_TRAIN_ARGS ?=
+bench-train: venv ## training benchmark: the training loop against its baselines (ResNet-50, generated JPEGs)
+	$(VENV)/bin/kennel-bench-train $(BENCH_TRAIN_ARGS)
 
 train: image-train ## train with docker compose (KENNEL_DATA_DIR=path/to/dogImages; default: the bundled sample)
 	mkdir -p model output checkpoints
@@ -93,10 +117,10 @@ sample: image-train ## write the bundled sample dataset to data/sample (generate
 	mkdir -p data/sample
 	docker run --rm $(AS_ME:%=-e %) -v "$(CURDIR)/data/sample:/sample" $(TRAIN_IMAGE) sample /sample
 
-data: venv ## download dogImages to data/dogImages and check it (133 breeds, 6680/835/836 images)
-	$(PY) scripts/download_data.py --dest data
+data: ops-venv ## download dogImages to data/dogImages and check it (133 breeds, 6680/835/836 images)
+	$(OPS)/kennel-download-data --dest data
 
-demo: images ## train on the bundled sample, then serve ./model and answer smoke requests (make smoke)
+demo: setup ops-venv ## on a fresh host too: build, train on the bundled sample, then serve ./model and answer smoke requests
 	$(MAKE) --no-print-directory train
 	$(MAKE) --no-print-directory smoke
 
@@ -104,29 +128,30 @@ clean: ## remove model/ output/ checkpoints/ data/sample and the compose contain
 	$(COMPOSE) down --volumes --remove-orphans
 	rm -rf model output checkpoints data/sample
 
-# Extra flags for scripts/loadtest.py, e.g. LOADTEST_ARGS='--workers 1,2 --threads 1,2'
+# Extra flags for kennel-loadtest, e.g. LOADTEST_ARGS='--workers 1,2 --threads 1,2'
 # (sweep) or LOADTEST_ARGS='--url http://127.0.0.1:8080/invocations' (a running endpoint).
 LOADTEST_ARGS ?=
-loadtest: venv $(if $(findstring --url,$(LOADTEST_ARGS)),,image-serve) ## load-test serve on ./model: max requests/s, latency per step, auto-scaling target (LOADTEST_ARGS=...)
-	KENNEL_SERVE_IMAGE=$(SERVE_IMAGE) $(PY) scripts/loadtest.py $(LOADTEST_ARGS)
+loadtest: ops-venv $(if $(findstring --url,$(LOADTEST_ARGS)),,image-serve) ## load-test serve on ./model: max requests/s, latency per step, auto-scaling target (LOADTEST_ARGS=...)
+	KENNEL_SERVE_IMAGE=$(SERVE_IMAGE) $(OPS)/kennel-loadtest $(LOADTEST_ARGS)
 
-lambda-zip: ## build/lambda.zip (LAMBDA_ZIP=...): the Lambda package, handler kennel_lambda.handler, same bytes every build
-	$(PYTHON) scripts/build_lambda_zip.py $(LAMBDA_ZIP)
+lambda-zip: ops-venv ## build/lambda.zip (LAMBDA_ZIP=...): the Lambda package, handler kennel_lambda.handler, same bytes every build
+	$(OPS)/kennel-lambda-zip $(LAMBDA_ZIP)
 
-smoke: venv image-serve ## end to end on this host: serve ./model (MODEL_DIR=...), classify the sample as JPEG, base64 JSON, URL, then via the Lambda handler
-	KENNEL_SERVE_IMAGE=$(SERVE_IMAGE) $(PY) scripts/smoke.py $(if $(MODEL_DIR),--model-dir $(MODEL_DIR))
+smoke: ops-venv image-serve ## end to end on this host: serve ./model (MODEL_DIR=...), classify the sample as JPEG, base64 JSON, URL, then via the Lambda handler
+	KENNEL_SERVE_IMAGE=$(SERVE_IMAGE) $(OPS)/kennel-smoke $(if $(MODEL_DIR),--model-dir $(MODEL_DIR))
 
-# Flags for `scripts/aws.py push`, e.g. AWS_ARGS='--region eu-west-1' or AWS_ARGS='--registry host:5000'.
+# Flags for `kennel-aws push`, e.g. AWS_ARGS='--region eu-west-1' or AWS_ARGS='--registry host:5000'.
 AWS_ARGS ?=
 .PHONY: push aws-test
-push: venv images ## push both images to ECR, repositories created when missing (AWS_ARGS='--region ...')
-	$(PY) scripts/aws.py push --train-image $(TRAIN_IMAGE) --serve-image $(SERVE_IMAGE) $(AWS_ARGS)
+push: ops-venv images ## push both images to ECR, repositories created when missing (AWS_ARGS='--region ...')
+	$(OPS)/kennel-aws push --train-image $(TRAIN_IMAGE) --serve-image $(SERVE_IMAGE) $(AWS_ARGS)
 
-aws-test: venv ## the AWS operator tests: moto in server mode and a local OCI registry
+aws-test: setup-test venv ## the AWS operator tests: moto in server mode and a local OCI registry
 	$(PY) -m pytest tests/aws
 
-test: venv ## the whole suite: unit, contract, containers (real engine), aws (moto + local registry)
+# ops-venv too: `make lambda-zip` is one of the tests.
+test: setup-test venv ops-venv ## on a fresh host too: the whole suite, unit, contract, containers (real engine), aws (moto + local registry)
 	$(PY) -m pytest tests
 
-test-host: venv ## everything that needs no Docker engine
+test-host: venv ops-venv ## everything that needs no Docker engine
 	$(PY) -m pytest tests -m 'not container'

@@ -22,7 +22,7 @@ traceback and answered 500. A caller's event never gets there: whatever it
 holds, kennel_lambda_events refuses it with a 4xx and the log has no traceback.
 
 Locally (no AWS): point the client at a SageMaker-runtime-compatible server with
-AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME (scripts/local_runtime.py forwards to a
+AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME (kennel-local-runtime (kennel_ops/local_runtime.py) forwards to a
 serving container), set dummy credentials and a region, and call handler().
 """
 from __future__ import annotations

@@ -81,8 +81,8 @@ def aws(moto: MotoServer):
 
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture):
-    """Run `aws.py ARGS` in this process: returns (exit status, stdout, stderr)."""
-    from kennel_aws.cli import main
+    """Run `kennel-aws ARGS` in this process: returns (exit status, stdout, stderr)."""
+    from kennel_ops.aws.cli import main
 
     def run(*argv: str) -> tuple[int, str, str]:
         capsys.readouterr()
@@ -104,7 +104,7 @@ def planned():
 @pytest.fixture
 def metric_definitions() -> Path:
     """The training image's MetricDefinitions when the file exists, else the fixture copy."""
-    from kennel_aws.training import METRIC_DEFINITIONS
+    from kennel_ops.aws.training import METRIC_DEFINITIONS
     return METRIC_DEFINITIONS if METRIC_DEFINITIONS.is_file() else FIXTURES / "metric_definitions.json"
 
 
@@ -233,7 +233,7 @@ def deployed(cli, moto, trained):
 @pytest.fixture
 def provisioned(moto, monkeypatch):
     """The Stubber for the provisioned-concurrency operations (asserted empty at the end)."""
-    from kennel_aws.context import Aws
+    from kennel_ops.aws.context import Aws
     stub_client = boto3.Session(region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x").client("lambda")
     stubber = Stubber(stub_client)
     stubber.activate()

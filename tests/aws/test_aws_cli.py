@@ -38,7 +38,7 @@ def test_a_refused_request_is_one_line_naming_the_operation(cli, moto, aws):
 def test_bad_flags_exit_2_in_one_line(cli):
     status, out, err = cli("autoscale", "--target", "fast")
     assert (status, out) == (2, "")
-    assert err == "aws.py autoscale: error: argument --target: invalid float value: 'fast' (see --help)\n"
+    assert err == "kennel-aws autoscale: error: argument --target: invalid float value: 'fast' (see --help)\n"
     status, _, err = cli("deploy", "--name", "bad_name")
     assert status == 2 and "invalid name 'bad_name'" in err and err.count("\n") == 1
 
@@ -52,7 +52,7 @@ def test_every_command_has_help(cli):
 
 def test_dry_run_clients_refuse_mutating_calls_before_the_network(monkeypatch):
     """The safety net: a mutating call made past Aws.send under --dry-run never reaches the wire."""
-    from kennel_aws.context import Aws, Console, DryRunViolation
+    from kennel_ops.aws.context import Aws, Console, DryRunViolation
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens; must not be reached
     aws = Aws(region=REGION, dry_run=True, console=Console(io.StringIO(), io.StringIO()),
               session=boto3.Session(region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"))
@@ -64,9 +64,9 @@ def test_dry_run_clients_refuse_mutating_calls_before_the_network(monkeypatch):
 
 def test_running_jobs_keep_the_execution_role():
     """teardown keeps NAME-sagemaker while one of the deployment's jobs runs (moto's jobs never run: Stubber)."""
-    from kennel_aws.context import Aws, Console
-    from kennel_aws.names import Names
-    from kennel_aws.teardown import running_jobs
+    from kennel_ops.aws.context import Aws, Console
+    from kennel_ops.aws.names import Names
+    from kennel_ops.aws.teardown import running_jobs
     session = boto3.Session(region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
     aws = Aws(region=REGION, console=Console(io.StringIO(), io.StringIO()), session=session)
     client = aws.client("sagemaker")
@@ -88,8 +88,8 @@ def test_running_jobs_keep_the_execution_role():
 
 
 def test_waiting_prints_changes_and_a_heartbeat_then_times_out():
-    from kennel_aws.context import CliError, Console
-    from kennel_aws.waiting import Poll, wait_for
+    from kennel_ops.aws.context import CliError, Console
+    from kennel_ops.aws.waiting import Poll, wait_for
     now = [0.0]
     states = iter(["Creating", "Creating", "Creating", "Creating"])
     err = io.StringIO()

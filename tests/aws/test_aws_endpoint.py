@@ -111,7 +111,7 @@ def test_deploy_without_completed_job_says_what_to_pass(cli, moto, staged):
 
 def stubbed_clients(monkeypatch, services: list[str]) -> dict[str, tuple]:
     """Stubbed botocore clients that Aws.client hands out for these services."""
-    from kennel_aws.context import Aws
+    from kennel_ops.aws.context import Aws
     session = boto3.Session(region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
     clients = {service: session.client(service) for service in services}
     stubbers = {service: Stubber(client) for service, client in clients.items()}
@@ -128,7 +128,7 @@ def not_found(stubber: Stubber, operation: str, what: str) -> None:
     stubber.add_client_error(operation, "ValidationException", f'Could not find {what} "arn:..."', 400)
 
 
-# What deploy sends for DEPLOY_UPDATE; names carry a digest of this content (kennel_aws.names).
+# What deploy sends for DEPLOY_UPDATE; names carry a digest of this content (kennel_ops.aws.names).
 CONTAINER = {"Image": f"{SERVE_URI}:2", "ModelDataUrl": MODEL_DATA, "Mode": "SingleModel"}
 MODEL_CONTENT = {"PrimaryContainer": CONTAINER, "ExecutionRoleArn": ROLE_ARN, "EnableNetworkIsolation": False}
 DEPLOY_UPDATE = ["deploy", "--model-data", MODEL_DATA, "--image", f"{SERVE_URI}:2", "--role-arn", ROLE_ARN,
@@ -137,7 +137,7 @@ TAGS = [{"Key": "kennel:deployment", "Value": "kennel"}]
 
 
 def expected_names() -> tuple[str, str, list[dict]]:
-    from kennel_aws.names import Names
+    from kennel_ops.aws.names import Names
     model = Names("kennel").model(MODEL_CONTENT)
     variants = [{"VariantName": "AllTraffic", "ModelName": model, "InstanceType": "ml.m5.large",
                  "InitialInstanceCount": 1, "InitialVariantWeight": 1.0,
@@ -211,7 +211,7 @@ def test_deploy_refuses_instance_type_change_of_an_autoscaled_variant(cli, monke
     status, _, err = cli(*DEPLOY_UPDATE)
     assert status == 1
     assert err.splitlines()[-1] == ("error: the endpoint is auto-scaled on ml.c5.large: to move to ml.m5.large, run "
-                                    "`aws.py autoscale --remove`, deploy, then `aws.py autoscale` again")
+                                    "`kennel-aws autoscale --remove`, deploy, then `kennel-aws autoscale` again")
     for stubber in stubbers.values():
         stubber.assert_no_pending_responses()  # and no UpdateEndpoint was queued or sent
 
@@ -295,6 +295,6 @@ def test_autoscale_dry_run_and_missing_endpoint(cli, moto, aws, deployed, planne
     assert [r["operation"] for r in planned(out)] == ["RegisterScalableTarget", "PutScalingPolicy"]
     assert moto.mutating() == [] and scaling_state(aws) == ([], [])
     status, _, err = cli("autoscale", "--name", "nosuch")
-    assert status == 1 and err == "error: no endpoint nosuch: run `aws.py deploy` first\n"
+    assert status == 1 and err == "error: no endpoint nosuch: run `kennel-aws deploy` first\n"
     status, _, err = cli("autoscale", "--min", "3", "--max", "2")
     assert status == 1 and err == "error: need 1 <= --min (3) <= --max (2)\n"

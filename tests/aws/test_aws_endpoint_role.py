@@ -39,7 +39,7 @@ def object_arn(s3_uri: str) -> str:
 
 def expected_policy(*artifacts: str, vpc: bool = False) -> dict:
     """The whole inline policy, written out: reading exactly these objects is its only S3 permission."""
-    from kennel_aws.role import VPC_ACTIONS
+    from kennel_ops.aws.role import VPC_ACTIONS
     statements = [
         {"Sid": "ReadTheModel", "Effect": "Allow", "Action": "s3:GetObject",
          "Resource": sorted(object_arn(artifact) for artifact in artifacts)},
@@ -107,7 +107,7 @@ class UpdatingSageMaker:
 @pytest.fixture
 def updates(monkeypatch):
     """install(roll_back=...) routes update_endpoint as above; returns the configs updated to, in order."""
-    from kennel_aws.context import Aws
+    from kennel_ops.aws.context import Aws
     real_client = Aws.client
 
     def install(roll_back: bool = False) -> list[str]:
@@ -294,9 +294,9 @@ def test_inputs_the_role_cannot_be_scoped_to_are_refused_before_any_change(cli, 
 
 def test_create_model_waits_out_iam_propagation():
     """SageMaker refuses a role IAM has not propagated yet: CreateModel is retried with back-off."""
-    from kennel_aws.context import Aws, Console
-    from kennel_aws.endpoint_role import role_not_ready
-    from kennel_aws.iam import retry_while_propagating
+    from kennel_ops.aws.context import Aws, Console
+    from kennel_ops.aws.endpoint_role import role_not_ready
+    from kennel_ops.aws.iam import retry_while_propagating
     client = boto3.Session(region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x").client("sagemaker")
     stubber = Stubber(client)
     stubber.add_client_error("create_model", "ValidationException",

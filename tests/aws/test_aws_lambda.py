@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def package(tmp_path) -> Path:
-    import build_lambda_zip
+    from kennel_ops import build_lambda_zip
     return build_lambda_zip.build(tmp_path / "lambda.zip")
 
 
@@ -156,9 +156,9 @@ def test_lambda_refuses_provisioned_above_reserved(cli, moto):
 
 def test_create_function_waits_out_iam_propagation():
     """A brand-new role is refused by Lambda for a few seconds: the call is retried with back-off."""
-    from kennel_aws.context import Aws, Console
-    from kennel_aws.iam import retry_while_propagating
-    from kennel_aws.function import role_not_ready
+    from kennel_ops.aws.context import Aws, Console
+    from kennel_ops.aws.iam import retry_while_propagating
+    from kennel_ops.aws.function import role_not_ready
     import io
     client = boto3.Session(region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x").client("lambda")
     stubber = Stubber(client)

@@ -15,15 +15,13 @@ import base64
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from kennel_aws.ecr import auth_config
-from kennel_aws.images import image_tag
+from kennel_ops.aws.ecr import auth_config
+from kennel_ops.aws.images import image_tag
 
 pytestmark = pytest.mark.aws
-REPO = Path(__file__).resolve().parents[2]
 
 TAG = "9.8.7-0123456789ab"  # <image version label>-<first 12 of the revision label>
 
@@ -178,7 +176,7 @@ def test_cli_failures_are_one_line_from_a_real_process(tmp_path):
     """Bad flags (exit 2) and a missing region (exit 1): one line each, no traceback."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "AWS_CONFIG_FILE": str(tmp_path / "none"),
            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
-    script = [sys.executable, str(REPO / "scripts" / "aws.py")]
+    script = [sys.executable, "-m", "kennel_ops.aws"]
     bad = subprocess.run([*script, "push", "--keep", "0"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "--keep" in bad.stderr and "Traceback" not in bad.stderr

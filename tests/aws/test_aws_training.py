@@ -182,13 +182,13 @@ def test_train_without_role_says_how_to_make_one(cli, moto, aws, metric_definiti
     aws("s3").create_bucket(Bucket=BUCKET)
     status, _, err = cli(*train_args(metric_definitions, "--image", "x", "-p", "pretrained=false"))
     assert status == 1
-    assert err == "error: no role kennel-sagemaker: run `aws.py role --bucket BUCKET` first, or pass --role-arn\n"
+    assert err == "error: no role kennel-sagemaker: run `kennel-aws role --bucket BUCKET` first, or pass --role-arn\n"
 
 
 def test_train_failure_while_waiting_is_one_line(cli, monkeypatch, moto, metric_definitions):
     """A job that fails while waited for (moto's jobs never fail: Stubber)."""
     import boto3
-    from kennel_aws.context import Aws
+    from kennel_ops.aws.context import Aws
     client = boto3.Session(region_name="us-east-1").client("sagemaker")
     stubber = Stubber(client)
     job = {"TrainingJobName": "kennel-f", "TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/kennel-f",
@@ -279,8 +279,8 @@ def test_tune_name_longer_than_32_is_refused(cli, moto):
 
 def test_the_training_image_metric_definitions_give_the_tuning_objective():
     """The file the training image exports: what train and tune send by default."""
-    from kennel_aws.training import METRIC_DEFINITIONS, load_metric_definitions
-    from kennel_aws.tune import objective_metric
+    from kennel_ops.aws.training import METRIC_DEFINITIONS, load_metric_definitions
+    from kennel_ops.aws.tune import objective_metric
     definitions = load_metric_definitions(METRIC_DEFINITIONS)
     assert objective_metric(definitions, None) == "valid:loss"
     assert r"Testing Loss: ([0-9\.]+)" in [d["Regex"] for d in definitions]  # the original tuning regex still works

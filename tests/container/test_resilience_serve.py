@@ -32,12 +32,12 @@ import numpy as np
 import pytest
 
 from docker_cli import run
-from kennel_load import hostile
-from kennel_load.client import Connection, Run, Target, run_closed_loop, run_open_loop, wait_until_healthy, warm_up
-from kennel_load.docker_stats import ContainerSampler
-from kennel_load.payloads import dog_photos
-from kennel_load.report import step_table
-from kennel_load.stats import max_sustainable, percentile, ramp, summarize, trend
+from kennel_ops.load import hostile
+from kennel_ops.load.client import Connection, Run, Target, run_closed_loop, run_open_loop, wait_until_healthy, warm_up
+from kennel_ops.load.docker_stats import ContainerSampler
+from kennel_ops.load.payloads import dog_photos
+from kennel_ops.load.report import step_table
+from kennel_ops.load.stats import max_sustainable, percentile, ramp, summarize, trend
 
 pytestmark = pytest.mark.container
 
@@ -71,7 +71,7 @@ MEMORY_REL_TOLERANCE = 0.02
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from bench_serve import write_random_model
+    from kennel_ops.bench.models import write_random_model
     directory = write_random_model(tmp_path_factory.mktemp("resilience-model"), architecture="resnet18",
                                    num_classes=133, seed=7)
     for path in directory.iterdir():  # the container's unprivileged user reads them
@@ -635,7 +635,7 @@ def test_loadtest_command_runs_the_compose_service_and_writes_its_report(serve_i
 
     report_path, plot_path = tmp_path / "report.json", tmp_path / "plot.png"
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "loadtest.py"), "--model-dir", str(model_dir),
+        [sys.executable, "-m", "kennel_ops.loadtest", "--model-dir", str(model_dir),
          "--workers", "2", "--threads", "1", "--concurrency", "1,2", "--step-seconds", "4",
          "--warmup-requests", "4", "--target-p99", "10", "--report", str(report_path), "--plot", str(plot_path)],
         cwd=REPO, env={**os.environ, "KENNEL_SERVE_IMAGE": serve_image}, capture_output=True, text=True, timeout=900)

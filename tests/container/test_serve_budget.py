@@ -2,7 +2,7 @@
 
 The serving container runs hardened (as compose runs it) with a memory limit
 that leaves each of its two workers room for the 256 MiB budget and no more.
-It gets kennel_load.bombs' corpus from two clients at once (both workers busy
+It gets kennel_ops.load.bombs' corpus from two clients at once (both workers busy
 with bombs together), and image URLs pointing at slow-drip servers on its own
 127.0.0.1 (started inside the container, allowed by KENNEL_URL_ALLOWLIST): a
 status line, headers, chunk-size lines or a body sent a byte at a time, a TLS
@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from docker_cli import run
-from kennel_load import bombs
-from kennel_load.payloads import dog_photos
+from kennel_ops.load import bombs
+from kennel_ops.load.payloads import dog_photos
 
 pytestmark = pytest.mark.container
 
@@ -99,7 +99,7 @@ SLOW_URLS = {
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from bench_serve import write_random_model
+    from kennel_ops.bench.models import write_random_model
     directory = write_random_model(tmp_path_factory.mktemp("budget-model"), architecture="resnet18",
                                    num_classes=133, seed=5)
     for path in directory.iterdir():  # the container's unprivileged user reads them

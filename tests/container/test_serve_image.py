@@ -16,29 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import serve_support as support
 from docker_cli import COMPOSE_FILE, REPO, run
-from kennel_aws.images import git_commit
+from kennel_ops.aws.images import git_commit
 
 pytestmark = pytest.mark.container
 
 STARTUP_TIMEOUT_S = 240
-
-
-def serve_support():
-    import sys
-    sys.path.insert(0, str(REPO / "tests" / "contract"))
-    import serve_support as support
-    return support
-
-
-support = serve_support()
 PHOTO = support.jpeg_bytes((500, 375), seed=11)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random-weight ResNet-18 artifact, readable by the image's unprivileged user."""
-    from bench_serve import write_random_model
+    from kennel_ops.bench.models import write_random_model
     directory = tmp_path_factory.mktemp("serve-model") / "model"
     write_random_model(directory, "resnet18", num_classes=5)
     return directory
@@ -234,7 +225,7 @@ def test_a_model_of_the_original_system_is_converted_and_answers_like_the_origin
     from PIL import Image
     from torchvision import transforms
 
-    from bench_serve import build_network
+    from kennel_ops.bench.models import build_network
 
     torch.manual_seed(3)
     original = build_network("resnet50", 133)  # the original head: Linear(2048,128)-ReLU-Linear(128,133)

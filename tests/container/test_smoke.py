@@ -1,6 +1,6 @@
-"""The Lambda function against the real serving container, and `scripts/smoke.py` end to end.
+"""The Lambda function against the real serving container, and `kennel-smoke (kennel_ops/smoke.py)` end to end.
 
-handler -> scripts/local_runtime.py (SageMaker runtime API on 127.0.0.1) -> the
+handler -> kennel-local-runtime (kennel_ops/local_runtime.py) (SageMaker runtime API on 127.0.0.1) -> the
 kennel-serve container's /invocations, on a model with random weights written
 here (a small ONNX CNN and its kennel.json), so that no training run is needed.
 """
@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 import kennel_artifact
 from docker_cli import REPO, run
 from kennel_train.sample import BREEDS, draw_image
-from local_runtime import LocalRuntime
+from kennel_ops.local_runtime import LocalRuntime
 
 pytestmark = pytest.mark.container
 
@@ -173,10 +173,10 @@ def test_an_endpoint_the_runtime_does_not_know_is_502(handler, monkeypatch):
     assert response["statusCode"] == 502 and "not-deployed" in json.loads(response["body"])["error"]
 
 
-# -- scripts/smoke.py (what `make smoke` runs) -----------------------------------------------------
+# -- kennel-smoke (kennel_ops/smoke.py) (what `make smoke` runs) -----------------------------------------------------
 
 def smoke(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "smoke.py"), *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "kennel_ops.smoke", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -226,7 +226,7 @@ def test_smoke_on_a_model_serve_cannot_load_fails_and_removes_what_it_started(se
 
 
 def test_smoke_stopped_by_sigterm_removes_what_it_started(serve_image, model_dir):
-    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "smoke.py"), "--model-dir", str(model_dir),
+    process = subprocess.Popen([sys.executable, "-m", "kennel_ops.smoke", "--model-dir", str(model_dir),
                                 "--serve-image", serve_image], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         lines = []

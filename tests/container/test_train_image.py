@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from docker_cli import run
-from kennel_aws.images import git_commit
+from kennel_ops.aws.images import git_commit
 
 pytestmark = pytest.mark.container
 

@@ -190,7 +190,7 @@ def plugins(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def resnet18_base(tmp_path_factory) -> Path:
     """SAGEMAKER_BASE_DIR whose model/ is a random-weight ResNet-18 artifact (5 classes, ImageNet eval)."""
-    from bench_serve import write_random_model
+    from kennel_ops.bench.models import write_random_model
     base = tmp_path_factory.mktemp("base")
     write_random_model(base / "model", "resnet18", num_classes=5)
     return base

@@ -1,8 +1,8 @@
 """The request budget, on the worker's own request path (toolkit, transformer, handlers, ONNX Runtime).
 
-Every hostile request of kennel_load.bombs gets its expected answer (a 4xx with a
+Every hostile request of kennel_ops.load.bombs gets its expected answer (a 4xx with a
 reason, or 200 for the largest images the budget admits) and no request adds more
-than 256 MiB to an idle worker. Measured by scripts/bench_budget.py in a process
+than 256 MiB to an idle worker. Measured by kennel-bench-budget (kennel_ops/bench/budget.py) in a process
 of its own, so nothing else this test session allocated hides or adds memory;
 docs/benchmarks.md has its figures on ResNet-50.
 
@@ -24,13 +24,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bench_budget import BUDGET_MIB, Worker, reset_peak, _status_kib
-from serve_support import REPO, resnet18_base  # noqa: F401 (fixture)
+from kennel_ops.bench.budget import BUDGET_MIB, Worker, reset_peak, _status_kib
+from serve_support import resnet18_base  # noqa: F401 (fixture)
 
 
 def test_hostile_requests_are_answered_within_the_memory_budget(resnet18_base, tmp_path):  # noqa: F811
     report = tmp_path / "budget.json"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_budget.py"), "--model-dir",
+    result = subprocess.run([sys.executable, "-m", "kennel_ops.bench.budget", "--model-dir",
                              str(resnet18_base / "model"), "--json", str(report)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

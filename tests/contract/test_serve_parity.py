@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision import transforms
 
 import kennel_artifact
-from bench_serve import build_network, write_random_model
+from kennel_ops.bench.models import build_network, write_random_model
 from kennel_serve.engine import KennelModel
 from kennel_serve.inputs import decode_request
 from kennel_train.data import EvalTransform, ImageFiles

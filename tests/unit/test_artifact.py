@@ -144,13 +144,13 @@ def test_what_decoding_needs_is_judged_from_the_header(mode, side, refused):
 
 
 def test_a_header_over_the_decode_budget_is_refused_before_decoding():
-    from kennel_load.bombs import png
+    from kennel_ops.load.bombs import png
     with pytest.raises(ka.ImageError, match="MiB to decode"):
         ka.decode_image(png(6000, 6000, colour_type=6))
 
 
 def test_the_size_check_runs_before_any_pixel_is_decoded():
-    from kennel_load.bombs import one_bit_bomb
+    from kennel_ops.load.bombs import one_bit_bomb
     seen = []
 
     def refuse(width, height):

@@ -1,4 +1,4 @@
-"""scripts/download_data.py: the dataset check and the unpacking, on generated trees (no download)."""
+"""kennel-download-data (kennel_ops/download_data.py): the dataset check and the unpacking, on generated trees (no download)."""
 from __future__ import annotations
 
 import zipfile
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import download_data
+from kennel_ops import download_data
 
 SMALL = {"train": 4, "valid": 2, "test": 2}
 BREEDS = ["001.Affenpinscher", "002.Afghan_hound", "003.Airedale_terrier"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import lambda_policy
+from kennel_ops import lambda_policy
 
 LAMBDA_DIR = Path(__file__).resolve().parents[2] / "lambda"
 POLICY = LAMBDA_DIR / "policy.json"

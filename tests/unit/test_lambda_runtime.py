@@ -1,4 +1,4 @@
-"""The handler over real HTTP: botocore -> scripts/local_runtime.py -> a container's /invocations.
+"""The handler over real HTTP: botocore -> kennel-local-runtime (kennel_ops/local_runtime.py) -> a container's /invocations.
 
 The container here is a small HTTP server of the test's own that answers what
 each test tells it to, so that every failure a real container can produce is
@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import kennel_lambda
-from local_runtime import LocalRuntime
+from kennel_ops.local_runtime import LocalRuntime
 
 ENDPOINT = "kennel-local"
 SCORES = [[0.25, -1.5, 2.0]]

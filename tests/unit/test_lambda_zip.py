@@ -9,7 +9,7 @@ import time
 import zipfile
 from pathlib import Path
 
-import build_lambda_zip
+from kennel_ops import build_lambda_zip
 
 REPO = Path(__file__).resolve().parents[2]
 

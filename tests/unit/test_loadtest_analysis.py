@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from kennel_load.client import Outcome, Run, Target, run_closed_loop
-from kennel_load.report import ConfigurationResult, build_report, plot, step_table, summary_text, write_json
-from kennel_load.stats import (StepSummary, failure_reason, ideal_queue_waits, linear_fit, max_sustainable, percentile, ramp,
+from kennel_ops.load.client import Outcome, Run, Target, run_closed_loop
+from kennel_ops.load.report import ConfigurationResult, build_report, plot, step_table, summary_text, write_json
+from kennel_ops.load.stats import (StepSummary, failure_reason, linear_fit, max_sustainable, percentile, ramp,
                                recommended_invocations_per_instance, summarize, trend)
 from loadtest_server import CapacityServer
 
@@ -105,23 +105,6 @@ def test_ramp_finds_the_capacity_of_a_real_server():
     assert 14 <= best.throughput <= 20.5
 
 
-def test_ideal_queue_waits():
-    # One worker, a request a second: no wait while each takes under a second...
-    assert ideal_queue_waits([0, 1, 2], [0.5, 0.5, 0.5], servers=1) == [0, 0, 0]
-    # ...and a backlog that grows by the excess when each takes longer.
-    assert ideal_queue_waits([0, 1, 2], [1.5, 1.5, 1.5], servers=1) == pytest.approx([0, 0.5, 1.0])
-    # A slow spell: the wait it leaves drains at the spare capacity.
-    assert ideal_queue_waits([0, 1, 2, 3, 4], [3, 0.5, 0.5, 0.5, 0.5], servers=1) == pytest.approx([0, 2, 1.5, 1, 0.5])
-    # Two workers: the second takes what the first cannot.
-    assert ideal_queue_waits([0, 0, 0, 1], [2, 2, 2, 1], servers=2) == pytest.approx([0, 0, 2, 1])
-    with pytest.raises(ValueError):
-        ideal_queue_waits([1, 0], [1, 1], servers=1)
-    with pytest.raises(ValueError):
-        ideal_queue_waits([0], [1], servers=0)
-    with pytest.raises(ValueError):
-        ideal_queue_waits([0, 1], [1], servers=1)
-
-
 def test_recommendation_is_the_aws_formula():
     assert recommended_invocations_per_instance(10.0, 0.5) == 300
     assert recommended_invocations_per_instance(8.33, 0.5) == 249  # rounded down: never above the measurement
@@ -195,7 +178,7 @@ def test_report_json_plot_and_text(tmp_path):
 
 
 def test_the_layout_is_read_from_the_launchers_ready_line():
-    from kennel_load.serving import parse_layout
+    from kennel_ops.load.serving import parse_layout
     logs = ("kennel-serve: starting\nkennel-serve: ready: "
             "http://0.0.0.0:8080, 2 worker(s) x 1 engine thread(s) (2 for a request alone), 2.4 s after start\n")
     assert parse_layout(logs) == {"workers": 2, "threads": 1, "solo_threads": 2}

@@ -1,16 +1,14 @@
-"""scripts/loadtest.py end to end against a real local HTTP server (--url mode)."""
+"""kennel-loadtest (kennel_ops/loadtest.py) end to end against a real local HTTP server (--url mode)."""
 import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-import loadtest
+from kennel_ops import loadtest
 from loadtest_server import CapacityServer
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "loadtest.py"
 
 
 def test_loadtest_finds_the_capacity_and_writes_report_and_plot(tmp_path, capsys):
@@ -35,7 +33,7 @@ def test_loadtest_finds_the_capacity_and_writes_report_and_plot(tmp_path, capsys
     assert report["settings"]["payload"]["images"] == 2
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     # the autoscale command takes its target from this very file
-    from kennel_aws.autoscale import target_from_report
+    from kennel_ops.aws.autoscale import target_from_report
     assert target_from_report(tmp_path / "r.json") == report["recommended_invocations_per_instance"]
     assert "recommended SageMakerVariantInvocationsPerInstance: " in out
     assert f"{report['recommended_invocations_per_instance']} (= {rate:.2f} x 60 x 0.5)" in out
@@ -62,8 +60,8 @@ def test_no_passing_step_exits_non_zero_without_a_recommendation(tmp_path, capsy
     assert report["recommended_invocations_per_instance"] is None
     assert report["configurations"][0]["stopped_because"].startswith("concurrency 1: success")
     assert "no step kept 100% success" in capsys.readouterr().out
-    from kennel_aws.autoscale import target_from_report
-    from kennel_aws.context import CliError
+    from kennel_ops.aws.autoscale import target_from_report
+    from kennel_ops.aws.context import CliError
     with pytest.raises(CliError, match="must be a positive number"):
         target_from_report(tmp_path / "r.json")  # autoscale refuses a report without a recommendation
 
@@ -71,7 +69,7 @@ def test_no_passing_step_exits_non_zero_without_a_recommendation(tmp_path, capsy
 def test_unreachable_endpoint_is_one_readable_line(tmp_path):
     with CapacityServer() as server:
         url = server.url
-    result = subprocess.run([sys.executable, str(SCRIPT), "--url", url, "--wait", "1",
+    result = subprocess.run([sys.executable, "-m", "kennel_ops.loadtest", "--url", url, "--wait", "1",
                              "--report", str(tmp_path / "r.json")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1

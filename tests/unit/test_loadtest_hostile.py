@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import kennel_artifact as ka
-from kennel_load import hostile
-from kennel_load.payloads import dog_photos
+from kennel_ops.load import hostile
+from kennel_ops.load.payloads import dog_photos
 
 
 @pytest.fixture(scope="module")

@@ -176,7 +176,7 @@ def test_with_preprocessing_each_image_becomes_model_input():
 @pytest.mark.parametrize("size", [(2000, 1), (1, 40_000), (400_000, 1)])
 def test_an_aspect_ratio_the_resize_would_blow_up_is_refused_from_the_header(size):
     import kennel_artifact
-    from kennel_load.bombs import png
+    from kennel_ops.load.bombs import png
     with pytest.raises(RequestError) as caught:
         decode_request(png(*size), "image/png", fetch_url=no_fetch, max_images=1, max_pixels=40_000_000,
                        max_request_pixels=200_000_000, preprocessing=kennel_artifact.IMAGENET_EVAL)

@@ -1,5 +1,0 @@
-import sys
-
-from kennel_aws.cli import main
-
-sys.exit(main())

@@ -1,0 +1,50 @@
+"""S3 URIs: parsing, joining, and a check that a data prefix holds objects."""
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+
+from kennel_ops.aws.context import Aws
+
+BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    bucket: str
+    key_prefix: str = ""  # no leading slash; "" or ending in "/" for a folder
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key_prefix}"
+
+    def folder(self) -> "S3Uri":
+        if not self.key_prefix or self.key_prefix.endswith("/"):
+            return self
+        return S3Uri(self.bucket, self.key_prefix + "/")
+
+    def child(self, *parts: str) -> "S3Uri":
+        tail = "/".join(part.strip("/") for part in parts if part.strip("/"))
+        return S3Uri(self.bucket, self.folder().key_prefix + tail + "/")
+
+
+def parse_s3_uri(text: str) -> S3Uri:
+    if not text.startswith("s3://"):
+        raise ValueError(f"expected s3://BUCKET/PREFIX, got {text!r}")
+    bucket, _, key = text[len("s3://"):].partition("/")
+    if not BUCKET.match(bucket):
+        raise ValueError(f"invalid bucket name {bucket!r} in {text!r}")
+    return S3Uri(bucket, key)
+
+
+def s3_uri(text: str) -> S3Uri:
+    """argparse type: a folder-like S3 URI."""
+    try:
+        return parse_s3_uri(text).folder()
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def has_objects(aws: Aws, uri: S3Uri) -> bool:
+    response = aws.client("s3").list_objects_v2(Bucket=uri.bucket, Prefix=uri.folder().key_prefix, MaxKeys=1)
+    return response.get("KeyCount", 0) > 0

@@ -1,0 +1,12 @@
+"""Load testing and capacity planning for a kennel serving endpoint (kennel-loadtest
+is kennel_ops.loadtest; the tests use these modules directly).
+
+payloads   dog-photo-sized JPEG request bodies
+client     bounded HTTP load generators (closed loop by concurrency, open loop by rate)
+stats      percentiles, step summaries, the max-rate search, the recommendation, trends
+docker_stats  CPU and memory of a container, sampled from the engine while a test runs
+serving    start and stop the serving container (compose service or docker run)
+report     the JSON report, the text table and the latency-vs-throughput plot
+hostile    generated bad requests and the rule they must meet (the resilience tests)
+bombs      small requests that ask a worker for a lot of memory or time (the request budget)
+"""
