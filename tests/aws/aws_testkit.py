@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,12 +20,6 @@ BUCKET = "kennel-data"
 DATA = f"s3://{BUCKET}/dogImages/"
 WEIGHTS = f"s3://{BUCKET}/weights/"
 FUNCTION = "kennel-classify"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_http(url: str, ok: tuple[int, ...], timeout_s: float = 30.0, process: subprocess.Popen | None = None) -> None:

@@ -27,8 +27,9 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.stub import Stubber
+from kennel_ops.ports import free_port
 
-from aws_testkit import (BUCKET, DATA, REGION, MotoServer, Registry, RoutedClient, free_port, planned_requests,
+from aws_testkit import (BUCKET, DATA, REGION, MotoServer, Registry, RoutedClient, planned_requests,
                          put_image, stop, wait_http)
 
 REGISTRY_BINARY = shutil.which("docker-registry") or "/usr/bin/docker-registry"

@@ -1,4 +1,4 @@
-"""Command-line helpers for the container tests (imported by conftest and the tests)."""
+"""What the container tests share: running commands, and models the images can read (imported by conftest and the tests)."""
 from __future__ import annotations
 
 import shlex
@@ -19,3 +19,14 @@ def run(args: list[str], timeout: float, check: bool = True, **kwargs) -> subpro
                     f"--- stdout (tail)\n{result.stdout[-4000:]}\n--- stderr (tail)\n{result.stderr[-4000:]}",
                     pytrace=False)
     return result
+
+
+def random_model(directory: Path, seed: int) -> Path:
+    """A random-weight ResNet-18 with the original head (133 classes) in `directory`, readable by the
+    images' unprivileged users: a real CNN, so the server, not the client, is the bottleneck."""
+    from kennel_ops.bench.models import write_random_model
+    write_random_model(directory, architecture="resnet18", num_classes=133, seed=seed)
+    for path in directory.iterdir():
+        path.chmod(0o644)
+    directory.chmod(0o755)
+    return directory

@@ -31,9 +31,9 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from docker_cli import run
+from docker_cli import random_model, run
 from kennel_ops.load import hostile
-from kennel_ops.load.client import Connection, Run, Target, run_closed_loop, run_open_loop, wait_until_healthy, warm_up
+from kennel_ops.load.client import Connection, Target, run_closed_loop, run_open_loop, wait_until_healthy, warm_up
 from kennel_ops.load.docker_stats import ContainerSampler
 from kennel_ops.load.payloads import dog_photos
 from kennel_ops.load.report import step_table
@@ -71,13 +71,7 @@ MEMORY_REL_TOLERANCE = 0.02
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from kennel_ops.bench.models import write_random_model
-    directory = write_random_model(tmp_path_factory.mktemp("resilience-model"), architecture="resnet18",
-                                   num_classes=133, seed=7)
-    for path in directory.iterdir():  # the container's unprivileged user reads them
-        path.chmod(0o644)
-    directory.chmod(0o755)
-    return directory
+    return random_model(tmp_path_factory.mktemp("resilience-model"), seed=7)
 
 
 @pytest.fixture(scope="module")

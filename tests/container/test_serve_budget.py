@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from docker_cli import run
+from docker_cli import random_model, run
 from kennel_ops.load import bombs
 from kennel_ops.load.payloads import dog_photos
 
@@ -99,13 +99,7 @@ SLOW_URLS = {
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from kennel_ops.bench.models import write_random_model
-    directory = write_random_model(tmp_path_factory.mktemp("budget-model"), architecture="resnet18",
-                                   num_classes=133, seed=5)
-    for path in directory.iterdir():  # the container's unprivileged user reads them
-        path.chmod(0o644)
-    directory.chmod(0o755)
-    return directory
+    return random_model(tmp_path_factory.mktemp("budget-model"), seed=5)
 
 
 class Container:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from kennel_ops.ports import free_mms_port
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN_DIR = REPO / "containers" / "serve" / "mms-plugin"
@@ -44,20 +45,6 @@ def build_plugin(out_dir: Path) -> Path:
     subprocess.run(["sh", str(PLUGIN_DIR / "build.sh"), str(model_server_jar()), str(jar)], check=True,
                    capture_output=True, timeout=300)
     return out_dir
-
-
-def free_port() -> int:
-    """A free 127.0.0.1 port below 32767 (MMS refuses higher ones; the kernel's picks are higher)."""
-    import random
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port between 20000 and 32000")
 
 
 def jpeg_bytes(size=(500, 375), seed: int = 0, mode: str = "RGB", fmt: str = "JPEG", **save) -> bytes:
@@ -109,7 +96,7 @@ class ServeProcess:
 
     def __init__(self, base_dir: Path, plugins: Path, env: dict[str, str] | None = None):
         self.base_dir = Path(base_dir)
-        self.port = free_port()
+        self.port = free_mms_port()
         # Short: MMS puts Unix sockets in here (108-byte path limit).
         self.state_dir = Path(tempfile.mkdtemp(prefix="ks-"))
         self.log_path = self.state_dir.with_name(self.state_dir.name + ".log")

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 from kennel_train import distributed
 from kennel_train.model import build_network
 from kennel_train.sample import generate
+from kennel_ops.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = Path(sys.executable).with_name("train")  # the sagemaker-training toolkit's entry point
@@ -40,12 +40,6 @@ RUN_TIMEOUT_S = 600
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dogs")
     return generate(root, classes=3, counts={"train": 8, "valid": 3, "test": 3}, size=(96, 72))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Host:

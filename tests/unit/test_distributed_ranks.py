@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import re
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -24,17 +23,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from kennel_train import distributed, launch
 from kennel_train.data import ResumableSampler
 from kennel_train.cluster import Cluster, Settings
+from kennel_ops.ports import free_port
 
 HOSTS = ("trainer-q9m1", "trainer-b7k2")  # sorted: trainer-b7k2 is the master
 HOSTS_BY_RANK = tuple(sorted(HOSTS))
 SAMPLES = 11  # not a multiple of 2: uneven evaluation shards, one padded training sample
 BATCH = 2
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def settings_for(port: int, **overrides) -> Settings:

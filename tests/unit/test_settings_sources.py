@@ -39,11 +39,11 @@ def test_serving_reads_no_variable_outside_its_table():
 
 
 @pytest.mark.parametrize("page, table", [
-    ("docs/serving.md", serve_settings.settings_table),
-    ("docs/training.md", contract.settings_table),
+    ("docs/serving.md", serve_settings.environment_table),
+    ("docs/training.md", contract.hyperparameters_table),
 ])
 def test_the_docs_show_the_tables_the_code_has(page, table):
     text = (REPO / page).read_text()
     assert table() in text, (f"{page} must hold the settings table exactly as the code makes it; print it with "
-                             f"python -c 'from {table.__module__} import settings_table; "
-                             f"print(settings_table())'")
+                             f"python -c 'from {table.__module__} import {table.__name__}; "
+                             f"print({table.__name__}())'")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kennel_train import checkpoint
-from kennel_train.checkpoint import Progress
+from kennel_train.checkpoint import Position
 from kennel_train.failure import TrainingFailure
 from kennel_train.stop import StopRequest
 
@@ -29,10 +29,10 @@ def state(marker: float) -> dict:
 
 
 def test_names_order_and_sidecar(tmp_path):
-    checkpoint.save(tmp_path, Progress(2, None), state(2.0))
-    checkpoint.save(tmp_path, Progress(3, 17), state(3.5))
-    checkpoint.save(tmp_path, Progress(3, 4), state(3.1))
-    checkpoint.save(tmp_path, Progress(10, None), state(10.0))
+    checkpoint.save(tmp_path, Position(2, None), state(2.0))
+    checkpoint.save(tmp_path, Position(3, 17), state(3.5))
+    checkpoint.save(tmp_path, Position(3, 4), state(3.1))
+    checkpoint.save(tmp_path, Position(10, None), state(10.0))
     names = [path.name for _, path in checkpoint.candidates(tmp_path)]
     assert names == ["epoch-0010.pt", "epoch-0003-step-000017.pt", "epoch-0003-step-000004.pt", "epoch-0002.pt"]
     meta = json.loads((tmp_path / "epoch-0003-step-000017.json").read_text())
@@ -41,14 +41,14 @@ def test_names_order_and_sidecar(tmp_path):
 
 
 def test_the_newest_intact_checkpoint_is_resumed_with_everything_in_it(tmp_path):
-    checkpoint.save(tmp_path, Progress(1, None), state(1.0))
+    checkpoint.save(tmp_path, Position(1, None), state(1.0))
     saved = state(2.0)
     torch.manual_seed(123)
     saved["rng"] = checkpoint.rng_state()
     expected_draw = torch.rand(4)
-    checkpoint.save(tmp_path, Progress(2, 5), saved)
+    checkpoint.save(tmp_path, Position(2, 5), saved)
     progress, path, loaded = checkpoint.latest(tmp_path, IDENTITY)
-    assert progress == Progress(2, 5) and path.name == "epoch-0002-step-000005.pt"
+    assert progress == Position(2, 5) and path.name == "epoch-0002-step-000005.pt"
     assert torch.equal(loaded["model"]["weight"], torch.full((2, 3), 2.0))
     assert loaded["optimizer"]["state"][0]["exp_avg"].shape == (2, 3)
     torch.manual_seed(999)
@@ -58,8 +58,8 @@ def test_the_newest_intact_checkpoint_is_resumed_with_everything_in_it(tmp_path)
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "no_sidecar", "bad_sidecar", "empty"])
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, damage):
-    checkpoint.save(tmp_path, Progress(1, None), state(1.0))
-    newest = checkpoint.save(tmp_path, Progress(2, None), state(2.0))
+    checkpoint.save(tmp_path, Position(1, None), state(1.0))
+    newest = checkpoint.save(tmp_path, Position(2, None), state(2.0))
     data = bytearray(newest.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
@@ -74,13 +74,13 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog
         newest.write_bytes(b"")
     with caplog.at_level(logging.WARNING, logger="kennel_train"):
         progress, path, loaded = checkpoint.latest(tmp_path, IDENTITY)
-    assert progress == Progress(1, None)
+    assert progress == Position(1, None)
     assert torch.equal(loaded["model"]["weight"], torch.full((2, 3), 1.0))
     assert "checkpoint epoch-0002.pt is unusable" in caplog.text and "trying the previous one" in caplog.text
 
 
 def test_a_file_with_a_matching_checksum_that_torch_cannot_load_is_unusable(tmp_path):
-    path = checkpoint.save(tmp_path, Progress(1, None), state(1.0))
+    path = checkpoint.save(tmp_path, Position(1, None), state(1.0))
     path.write_bytes(b"not a torch file")
     meta = json.loads(path.with_suffix(".json").read_text())
     meta["sha256"] = hashlib.sha256(b"not a torch file").hexdigest()
@@ -97,7 +97,7 @@ def test_nothing_to_resume(tmp_path):
 
 
 def test_a_checkpoint_of_another_model_is_an_error_not_silently_skipped_or_deleted(tmp_path):
-    path = checkpoint.save(tmp_path, Progress(1, None), state(1.0))
+    path = checkpoint.save(tmp_path, Position(1, None), state(1.0))
     other = dict(IDENTITY, architecture="resnet50", class_names=["a", "c"])
     with pytest.raises(TrainingFailure) as caught:
         checkpoint.latest(tmp_path, other)
@@ -108,7 +108,7 @@ def test_a_checkpoint_of_another_model_is_an_error_not_silently_skipped_or_delet
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
-    path = checkpoint.save(tmp_path, Progress(1, None), state(1.0))
+    path = checkpoint.save(tmp_path, Position(1, None), state(1.0))
     before = path.read_bytes()
 
     def fail(*_args):
@@ -116,13 +116,13 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monk
 
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError):
-        checkpoint.save(tmp_path, Progress(1, None), state(5.0))
+        checkpoint.save(tmp_path, Position(1, None), state(5.0))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0001.json", "epoch-0001.pt"]
 
 
 def test_prune_keeps_the_newest_epochs_and_drops_superseded_mid_epoch_ones(tmp_path):
-    for progress in (Progress(1, None), Progress(2, 3), Progress(2, None), Progress(3, None), Progress(4, 2)):
+    for progress in (Position(1, None), Position(2, 3), Position(2, None), Position(3, None), Position(4, 2)):
         checkpoint.save(tmp_path, progress, state(1.0))
     checkpoint.prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["epoch-0002.pt", "epoch-0003.pt",

@@ -3,7 +3,7 @@
 SageMaker's own variables (SAGEMAKER_*) keep their meaning; KENNEL_* variables
 cover what the contract leaves open. SETTINGS is the only list of them: the
 reader below refuses a name that is not in it, compose.yaml passes through the
-ones marked ``compose`` and the serving docs' table is ``settings_table()``
+ones marked ``compose`` and the serving docs' table is ``environment_table()``
 (tests/unit/test_settings_sources.py holds both to it). A bad value is a
 SettingsError naming the variable, which `serve` prints as its one line before exiting.
 """
@@ -88,7 +88,7 @@ SETTINGS: tuple[EnvSetting, ...] = (
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
-def settings_table() -> str:
+def environment_table() -> str:
     """The markdown table of SETTINGS, as the serving docs show it."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     rows += [f"| `{s.name}` | {s.default} | {s.meaning} |" for s in SETTINGS]

@@ -39,7 +39,7 @@ _NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d{6,}))?\.pt$")
 
 
 @dataclass(frozen=True)
-class Progress:
+class Position:
     """How far a checkpoint got: ``epoch`` complete, or stopped in ``epoch`` after ``step``."""
 
     epoch: int
@@ -57,11 +57,11 @@ class Progress:
         return f"epoch {self.epoch} complete" if self.step is None else f"epoch {self.epoch} step {self.step}"
 
 
-def _parse(name: str) -> Progress | None:
+def _parse(name: str) -> Position | None:
     match = _NAME.match(name)
     if not match:
         return None
-    return Progress(int(match.group(1)), int(match.group(2)) if match.group(2) is not None else None)
+    return Position(int(match.group(1)), int(match.group(2)) if match.group(2) is not None else None)
 
 
 def _sidecar(path: Path) -> Path:
@@ -87,7 +87,7 @@ def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu").contiguous() for key, value in module.state_dict().items()}
 
 
-def save(directory: Path, progress: Progress, state: dict[str, Any]) -> Path:
+def save(directory: Path, progress: Position, state: dict[str, Any]) -> Path:
     """Write ``state`` as the checkpoint for ``progress``; return its path."""
     directory.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -102,7 +102,7 @@ def save(directory: Path, progress: Progress, state: dict[str, Any]) -> Path:
     return path
 
 
-def candidates(directory: Path) -> list[tuple[Progress, Path]]:
+def candidates(directory: Path) -> list[tuple[Position, Path]]:
     """Checkpoint files, newest first."""
     if not directory.is_dir():
         return []
@@ -135,7 +135,7 @@ def read(path: Path) -> dict[str, Any]:
     return state
 
 
-def latest(directory: Path, identity: dict[str, Any]) -> tuple[Progress, Path, dict[str, Any]] | None:
+def latest(directory: Path, identity: dict[str, Any]) -> tuple[Position, Path, dict[str, Any]] | None:
     """The newest usable checkpoint, or None. A checkpoint of a different model is an error, not skipped:
     resuming it would be wrong and deleting it would lose work."""
     for progress, path in candidates(directory):

@@ -223,7 +223,7 @@ SETTINGS: tuple[Setting, ...] = (
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
-def settings_table() -> str:
+def hyperparameters_table() -> str:
     """The markdown table of SETTINGS, as the training docs show it (tests/unit/test_settings_sources.py)."""
     rows = ["| setting | environment | default | values |", "| --- | --- | --- | --- |"]
     for setting in SETTINGS:

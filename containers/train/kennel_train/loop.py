@@ -1,9 +1,9 @@
 """One pass over a split: training (forward, backward, step) or evaluation (forward only).
 
 Loss and accuracy are per-SAMPLE means: the loop adds up ``loss * batch size``,
-correct predictions and sample counts, and divides once at the end (the
-original divided by the number of batches, so an uneven last batch and the
-batch size itself skewed its numbers). The sums are plain numbers, so
+correct predictions and sample counts, and divides once at the end (a mean of
+batch means lets an uneven last batch and the batch size itself skew the
+numbers). The sums are plain numbers, so
 data-parallel ranks add theirs with one all-reduce (``group.all_sum``).
 
 At every step boundary the loop asks ``group.stop_requested``: SIGTERM on any

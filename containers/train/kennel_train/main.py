@@ -283,7 +283,7 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
         except loop.Interrupted as interrupted:
             done = interrupted.partial if interrupted.phase == "train" else train_result
             done = done.reduced(group)  # every rank stopped at this step: save the sums of all
-            where = checkpoint.Progress(epoch, done.steps)
+            where = checkpoint.Position(epoch, done.steps)
             saved = checkpoint.save(paths.checkpoints, where, state(done)) if leader else None
             signal_name = stop.signal_name if stop.requested else "SIGTERM"
             on = f"on {', '.join(interrupted.hosts)} " if group.distributed else ""
@@ -309,7 +309,7 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
                  row["train_images_per_second"], row["train_seconds"] + row["valid_seconds"], format_duration(eta))
         if leader:
             board.epoch(row)
-            saved = checkpoint.save(paths.checkpoints, checkpoint.Progress(epoch, None), state(None))
+            saved = checkpoint.save(paths.checkpoints, checkpoint.Position(epoch, None), state(None))
             checkpoint.prune(paths.checkpoints, hp.keep_checkpoints)
             log.info("checkpoint %s", saved)
     del train_loader, valid_loader  # their worker processes end here

@@ -10,8 +10,8 @@ original system's definition::
 :class:`SplitModel` is how training runs it: the frozen part (the whole backbone,
 or everything before layer4 when fine-tuning) in eval mode without autograd,
 channels_last and under autocast; only the trainable part records gradients.
-The original loop ran the frozen backbone in train mode with autograd on, which
-cost time and silently updated the BatchNorm statistics of a "frozen" backbone.
+In train mode with autograd on, a frozen backbone would cost time and silently
+update its BatchNorm statistics.
 """
 from __future__ import annotations
 

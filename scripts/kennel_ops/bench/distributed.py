@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,14 +38,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kennel_train.model import build_network
 from kennel_train.sample import generate
+from kennel_ops.ports import free_port
 
 TRAIN = Path(sys.executable).with_name("train")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_job(root: Path, dataset: Path, hosts: list[str], cores: list[set[int]], hyperparameters: dict[str, str]) -> dict:

@@ -52,6 +52,7 @@ import kennel_artifact
 
 from kennel_ops.bench.models import build_network, write_random_model
 from kennel_ops.checkout import REPO
+from kennel_ops.ports import free_mms_port
 
 TARGETS = {"latency_ratio_max": 1.15, "throughput_ratio_min": 0.85, "speedup_vs_original_min": 2.0,
            "cold_start_s_max": 10.0, "image_bytes_max": 1_000_000_000}
@@ -159,26 +160,12 @@ def original_model_dir(model_dir: Path, architecture: str, num_classes: int) -> 
 
 # --------------------------------------------------------------------------- served
 
-def free_port() -> int:
-    import random
-    import socket
-    for _ in range(200):
-        port = random.randint(20000, 32000)  # MMS refuses ports from 32767 up
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
-
-
 class ServedImage:
     """`docker run -d IMAGE serve` with the model mounted read-only, published on 127.0.0.1."""
 
     def __init__(self, image: str, model_dir: Path, env: dict[str, str], cgroup_parent: str | None = None):
         self.name = f"kennel-bench-{uuid.uuid4().hex[:8]}"
-        self.port = free_port()
+        self.port = free_mms_port()
         args = ["docker", "run", "-d", "--rm", "--name", self.name, "-p", f"127.0.0.1:{self.port}:8080",
                 "-v", f"{model_dir}:/opt/ml/model:ro"] + (["--cgroup-parent", cgroup_parent] if cgroup_parent else [])
         for key, value in env.items():
@@ -195,7 +182,7 @@ class ServedOnHost:
     """The same `serve` (launcher, MMS, workers) run from this checkout, without a container."""
 
     def __init__(self, model_dir: Path, env: dict[str, str], plugins: Path):
-        self.port = free_port()
+        self.port = free_mms_port()
         self.state = Path(tempfile.mkdtemp(prefix="kb-"))
         full_env = {**os.environ, "SAGEMAKER_BASE_DIR": str(model_dir.parent), "SAGEMAKER_BIND_TO_PORT": str(self.port),
                     "KENNEL_BIND_ADDRESS": "127.0.0.1", "KENNEL_SERVE_STATE_DIR": str(self.state),

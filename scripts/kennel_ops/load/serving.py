@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import uuid
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from kennel_ops.checkout import REPO
 from kennel_ops.load.client import Target, wait_until_healthy
+from kennel_ops.ports import free_port
 
 SERVICE = "serve"
 WORKERS_VARIABLE = "SAGEMAKER_MODEL_SERVER_WORKERS"
@@ -43,12 +43,6 @@ def parse_layout(log_text: str) -> dict[str, int] | None:
 
 class ServingError(RuntimeError):
     """The serving container could not be started or did not become healthy."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
