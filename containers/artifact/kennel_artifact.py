@@ -7,6 +7,9 @@ A model directory (SageMaker's /opt/ml/model, packed as model.tar.gz) holds:
                                      output "logits" float32 [N, len(class_names)]
     model.pth     the PyTorch state_dict (torchvision ResNet + head), for
                   fine-tuning and for the original system's model definition
+    model.int8.onnx  optional: model.onnx statically quantized to INT8 (same input
+                  and output), present only when it passed the accuracy gate;
+                  the manifest's ``int8`` record says why it is there or not
 
 Serving needs neither torch nor torchvision: this module depends on the
 standard library, numpy and Pillow only, and both images import it.
@@ -34,6 +37,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 FORMAT_VERSION = 1
 MANIFEST_FILE = "kennel.json"
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 WEIGHTS_FILE = "model.pth"
 ONNX_INPUT = "images"
 ONNX_OUTPUT = "logits"
@@ -193,6 +197,10 @@ class Manifest:
     data: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     onnx_sha256: str | None = None
+    # The INT8 decision: {"shipped", "reason", "fp32_top1", "int8_top1", "agreement",
+    # "calibration_images", "seconds", ...}; None for a model made before INT8 existed.
+    int8: dict[str, Any] | None = None
+    int8_sha256: str | None = None  # set only when INT8_FILE ships: serving uses no other
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -208,6 +216,10 @@ class Manifest:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def has_int8(self) -> bool:
+        return self.int8_sha256 is not None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -243,6 +255,8 @@ def write_manifest(model_dir: str | os.PathLike[str], manifest: Manifest) -> Pat
     onnx_path = model_dir / ONNX_FILE
     if onnx_path.exists():
         manifest.onnx_sha256 = sha256_file(onnx_path)
+    int8_path = model_dir / INT8_FILE
+    manifest.int8_sha256 = sha256_file(int8_path) if int8_path.exists() else None
     target = model_dir / MANIFEST_FILE
     with tempfile.NamedTemporaryFile("w", dir=model_dir, prefix=".kennel.", delete=False) as tmp:
         json.dump(manifest.to_json(), tmp, indent=2, sort_keys=True)
@@ -273,6 +287,13 @@ def load(model_dir: str | os.PathLike[str], verify_checksum: bool = True) -> Man
         raise ArtifactError(f"{onnx_path} not found")
     if verify_checksum and manifest.onnx_sha256 and sha256_file(onnx_path) != manifest.onnx_sha256:
         raise ArtifactError(f"{onnx_path} does not match the checksum in {MANIFEST_FILE} (corrupt or replaced)")
+    if manifest.has_int8:
+        int8_path = Path(model_dir) / INT8_FILE
+        if not int8_path.is_file():
+            raise ArtifactError(f"{int8_path} not found, but {MANIFEST_FILE} records it: the model directory is "
+                                f"incomplete")
+        if verify_checksum and sha256_file(int8_path) != manifest.int8_sha256:
+            raise ArtifactError(f"{int8_path} does not match the checksum in {MANIFEST_FILE} (corrupt or replaced)")
     return manifest
 
 

@@ -63,6 +63,14 @@ def test_original_layout_string_hyperparameters_writes_every_artifact(opt_ml, ge
     assert list((base / "output" / "tensorboard").glob("events.out.tfevents.*"))
     assert (base / "checkpoints" / "epoch-0001.pt").is_file()
     assert "Testing Loss: " in result.stdout
+    # INT8 (on by default): built after export, gated, and the decision recorded with both figures either way.
+    decision = manifest.int8
+    metrics = json.loads((base / "output" / "data" / "metrics.json").read_text())
+    assert metrics["int8"] == decision
+    assert {"shipped", "reason", "fp32_top1", "int8_top1", "agreement", "calibration_images", "seconds"} <= set(decision)
+    assert decision["calibration_images"] == 18 and decision["validation_images"] == 6
+    assert (base / "model" / "model.int8.onnx").is_file() == decision["shipped"] == manifest.has_int8
+    assert ("int8 shipped: " if decision["shipped"] else "int8 not shipped: ") + "fp32_top1=" in result.stdout
 
 
 def test_separate_channels_pretrained_channel_and_skipped_images(opt_ml, generated_dataset, tmp_path):
@@ -71,7 +79,7 @@ def test_separate_channels_pretrained_channel_and_skipped_images(opt_ml, generat
     first = sorted((data / "train" / "002.Afghan_hound").glob("*.jpg"))[0]
     (data / "train" / "002.Afghan_hound" / "truncated.jpg").write_bytes(first.read_bytes()[:1500])
     base = opt_ml(data, "separate", hyperparameters={**QUICK, "pretrained": True, "workers": 1,
-                                                     "max_unreadable_fraction": 0.2})
+                                                     "max_unreadable_fraction": 0.2, "int8": False})
     torch.manual_seed(3)
     weights = torchvision.models.resnet18().state_dict()  # stands in for the ImageNet file: any name will do
     (base / "input" / "data" / "pretrained").mkdir()
@@ -85,6 +93,10 @@ def test_separate_channels_pretrained_channel_and_skipped_images(opt_ml, generat
                if not key.startswith("fc.") and "num_batches_tracked" not in key)
     counts = kennel_artifact.load(base / "model").data["splits"]["train"]
     assert counts == {"images": 18, "files": 20, "unreadable": 2}  # one found by its header, one while decoding
+    # KENNEL_INT8=false: FP32 only, and the manifest says why.
+    assert kennel_artifact.load(base / "model").int8 == {"shipped": False,
+                                                          "reason": "turned off by the setting int8=false"}
+    assert not (base / "model" / "model.int8.onnx").exists()
 
 
 # --------------------------------------------------------------------------- failures

@@ -82,6 +82,7 @@ BAD_VALUES = [
     ("progress_interval", "0", "expected an integer from 1"),
     ("max_unreadable_fraction", "1.5", "expected a number from 0.0 to 1.0"),
     ("keep_checkpoints", "0", "expected an integer from 1 to 1000"),
+    ("int8", "\"sometimes\"", "expected true or false"),
     ("epochs", "[3]", "expected an integer"),
 ]
 

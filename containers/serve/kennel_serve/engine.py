@@ -1,8 +1,8 @@
 """The loaded model: the artifact's manifest plus an ONNX Runtime session.
 
-No torch here: the artifact's model.onnx runs on ONNX Runtime, and its
-preprocessing is the manifest's Preprocessing.apply, the same function training
-evaluated with.
+No torch here: the artifact's model.onnx (or model.int8.onnx, as KENNEL_PRECISION
+and precision.py choose) runs on ONNX Runtime, and its preprocessing is the
+manifest's Preprocessing.apply, the same function training evaluated with.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from PIL import Image  # noqa: E402
 import kennel_artifact  # noqa: E402
 from kennel_artifact import ArtifactError, Manifest  # noqa: E402
 
+from kennel_serve import precision  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 # Errors only: ORT's warnings about graph rewrites are noise in a serving log, and a
@@ -34,6 +36,8 @@ ort.set_default_logger_severity(3)
 # a ResNet-50 run of 32 images holds about 190 MiB more than one of 8 (docs/benchmarks.md,
 # "Request budget"). On a CPU, batches beyond a few images gain no throughput.
 FORWARD_BATCH = 8
+
+_GRAPH_FILES = {"fp32": kennel_artifact.ONNX_FILE, "int8": kennel_artifact.INT8_FILE}
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -75,23 +79,51 @@ class KennelModel:
 
     def __init__(self, manifest: Manifest, session: ort.InferenceSession, model_dir: Path,
                  solo_session: ort.InferenceSession | None = None,
-                 others_busy: Callable[[], bool] | None = None):
+                 others_busy: Callable[[], bool] | None = None,
+                 choice: precision.Choice | None = None):
         self.manifest = manifest
         self.session = session
         self.solo_session = solo_session
         self.others_busy = others_busy or (lambda: False)
         self.model_dir = model_dir
+        self.precision = choice or precision.Choice("fp32", "fp32", "pinned")
         self._check_signature()
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.model_dir / _GRAPH_FILES[self.precision.precision]
 
     @classmethod
     def load(cls, model_dir: str | Path, threads: int = 1, solo_threads: int | None = None,
-             others_busy: Callable[[], bool] | None = None) -> "KennelModel":
+             others_busy: Callable[[], bool] | None = None, precision_setting: str = "fp32",
+             state_dir: Path | None = None) -> "KennelModel":
+        """Both sessions (``threads`` and ``solo_threads``) run the graph precision.py chooses.
+
+        ``state_dir``: where the server's workers share that choice (None: this process alone).
+        """
         model_dir = Path(model_dir)
         manifest = kennel_artifact.load(model_dir)
-        onnx_path = model_dir / kennel_artifact.ONNX_FILE
-        session = _open(onnx_path, threads)
-        solo = _open(onnx_path, solo_threads) if solo_threads and solo_threads > threads else None
-        return cls(manifest, session, model_dir, solo, others_busy)
+        opened: dict[str, ort.InferenceSession] = {}
+
+        def session_of(graph: str) -> ort.InferenceSession:
+            if graph not in opened:
+                opened[graph] = _open(model_dir / _GRAPH_FILES[graph], threads)
+            return opened[graph]
+
+        def speedup() -> float:
+            batch = precision.synthetic_batch(*manifest.preprocessing.input_size)
+            fp32, int8 = session_of("fp32"), session_of("int8")
+            return precision.measure(lambda: cls._run(fp32, batch), lambda: cls._run(int8, batch))
+
+        # Workers of one server share a parent (MMS's backend or frontend process).
+        key = f"{os.getppid()}-{(manifest.int8_sha256 or manifest.onnx_sha256 or 'unchecked')[:16]}"
+        choice = precision.shared_choice(state_dir, key, lambda: precision.decide(
+            precision_setting, manifest.has_int8, manifest.int8, speedup))
+        session = session_of(choice.precision)
+        opened.clear()  # the graph not chosen is not kept
+        graph_path = model_dir / _GRAPH_FILES[choice.precision]
+        solo = _open(graph_path, solo_threads) if solo_threads and solo_threads > threads else None
+        return cls(manifest, session, model_dir, solo, others_busy, choice)
 
     @property
     def class_names(self) -> list[str]:
@@ -100,7 +132,7 @@ class KennelModel:
     def _check_signature(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
-        onnx_path = self.model_dir / kennel_artifact.ONNX_FILE
+        onnx_path = self.onnx_path
         if kennel_artifact.ONNX_INPUT not in inputs or kennel_artifact.ONNX_OUTPUT not in outputs:
             raise ArtifactError(f"{onnx_path} must have the input {kennel_artifact.ONNX_INPUT!r} and the output "
                                 f"{kennel_artifact.ONNX_OUTPUT!r}, has {sorted(inputs)} -> {sorted(outputs)}")
@@ -156,5 +188,5 @@ class KennelModel:
                                 f"[1, {self.manifest.num_classes}]")
         if not np.all(np.isfinite(logits)):
             raise ArtifactError("warm-up inference gave scores that are not finite numbers (NaN or infinity)")
-        log.info("warm-up inference took %.0f ms", seconds * 1000)
+        log.info("warm-up inference (%s) took %.0f ms", self.precision.precision, seconds * 1000)
         return seconds

@@ -52,7 +52,8 @@ class KennelInferenceHandler:
         state_dir = self.settings.state_dir
         model = KennelModel.load(model_dir, threads=self.settings.ort_threads, solo_threads=self.settings.solo_threads,
                                  # This worker counts itself while it handles the request.
-                                 others_busy=lambda: busy_workers(state_dir) > 1)
+                                 others_busy=lambda: busy_workers(state_dir) > 1,
+                                 precision_setting=self.settings.precision, state_dir=state_dir)
         self.preprocessing = model.manifest.preprocessing
         return model
 

@@ -19,6 +19,7 @@ import kennel_env
 from kennel_artifact import DEFAULT_MAX_PIXELS
 
 from kennel_serve.cpus import solo_threads, worker_layout
+from kennel_serve.precision import INT8_MIN_SPEEDUP, PRECISIONS
 
 MIB = 1024 * 1024
 BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
@@ -64,6 +65,10 @@ SETTINGS: tuple[EnvSetting, ...] = (
                "`GET /execution-parameters`", compose=False),
     EnvSetting("SAGEMAKER_MULTI_MODEL", "false", "`true` is refused: multi-model endpoints are not supported",
                compose=False),
+    EnvSetting("KENNEL_PRECISION", "`auto`",
+               "`fp32`, `int8` (`model.int8.onnx`, when the model has one) or `auto`: INT8 only when it runs "
+               f"{INT8_MIN_SPEEDUP} x as fast as FP32 on this CPU, measured at start-up; answers say which in "
+               "`X-Kennel-Precision`"),
     EnvSetting("KENNEL_TOP_K", "5", "k of the top-k answer"),
     EnvSetting("KENNEL_MAX_IMAGES", "32", "images per request"),
     EnvSetting("KENNEL_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS), "larger images are refused from their header"),
@@ -132,6 +137,7 @@ class ServeSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
     top_k: int = 5
+    precision: str = "auto"
     batch: bool = False
     batch_strategy: str = "MULTI_RECORD"
     max_concurrent_transforms: int = 1
@@ -160,6 +166,9 @@ class ServeSettings:
         strategy = read.text("SAGEMAKER_BATCH_STRATEGY", "MULTI_RECORD").upper().replace("-", "_")
         if strategy not in BATCH_STRATEGIES:
             raise SettingsError(f"SAGEMAKER_BATCH_STRATEGY={strategy!r} must be one of {', '.join(BATCH_STRATEGIES)}")
+        precision = read.text("KENNEL_PRECISION", "auto").lower()
+        if precision not in PRECISIONS:
+            raise SettingsError(f"KENNEL_PRECISION={precision!r} must be one of {', '.join(PRECISIONS)}")
         networks, hosts = _allowlist(read.text("KENNEL_URL_ALLOWLIST", ""))
         plugins = read.text("KENNEL_MMS_PLUGINS", "")
         return cls(
@@ -178,6 +187,7 @@ class ServeSettings:
             max_pixels=read.integer("KENNEL_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS, low=1),
             max_request_pixels=read.integer("KENNEL_MAX_REQUEST_PIXELS", DEFAULT_MAX_REQUEST_PIXELS, low=1),
             top_k=read.integer("KENNEL_TOP_K", 5, low=1),
+            precision=precision,
             batch=batch,
             batch_strategy=strategy,
             max_concurrent_transforms=concurrent or workers,

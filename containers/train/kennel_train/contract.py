@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import kennel_env
 
+from . import quantize
 from .failure import TrainingFailure
 
 BASE_DIR_ENV = "SAGEMAKER_BASE_DIR"
@@ -219,6 +220,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_unreadable_fraction", 0.01, _real(0.0, 1.0),
             "unreadable images are skipped and counted; more than this fraction of a split fails the job"),
     Setting("keep_checkpoints", 2, _integer(1, 1000), "end-of-epoch checkpoints kept (older ones are deleted)"),
+    Setting("int8", True, _boolean,
+            f"`true`: also write `model.int8.onnx` (static INT8, calibrated on {quantize.CALIBRATION_IMAGES} "
+            f"training images) when, on the validation split, its top-1 accuracy is at most "
+            f"{quantize.MAX_TOP1_DROP * 100:g} points below FP32's and it agrees with FP32 on "
+            f"{quantize.MIN_AGREEMENT:.0%} of the top-1 answers; `false`: FP32 only"),
 )
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
@@ -252,6 +258,7 @@ class Hyperparameters:
     progress_interval: int
     max_unreadable_fraction: float
     keep_checkpoints: int
+    int8: bool
 
     def to_json(self) -> dict[str, Any]:
         return {setting.name: getattr(self, setting.name) for setting in SETTINGS}

@@ -2,6 +2,7 @@
 
     python -m kennel_train.convert --model-tar model.tar.gz --output DIR [--class-names FILE]
     python -m kennel_train.convert --model-pth model.pth --output DIR [--class-names FILE]
+        [--int8-images IMAGES]
 
 The original training job saved ``torch.save(model.cpu().state_dict(), "model.pth")``
 (ResNet-50, head Linear(2048, 128) - ReLU - Linear(128, 133)) and nothing else:
@@ -12,6 +13,13 @@ DIR/model.onnx (verified against PyTorch) and DIR/kennel.json with:
   normalisation), so the endpoint returns the same raw logits the original did;
 * the class names: the 133 dogImages folders for a 133-class model, else the
   ``--class-names`` file (one name per line, or a JSON list), in sorted order.
+
+With ``--int8-images`` it also builds DIR/model.int8.onnx as training does
+(kennel_train.quantize: calibrated, then gated on accuracy and agreement with
+FP32). IMAGES holds one folder per class named as the class names: either
+train/ and valid/ (dogImages' own layout: calibration on train/, the gate on
+valid/), or the class folders themselves (alternate images calibrate and gate).
+Without it the model is FP32 only and the manifest says so.
 
 Pack DIR as SageMaker's model.tar.gz with ``tar -czf model.tar.gz -C DIR .``.
 Errors are one line on stderr and exit code 1.
@@ -32,7 +40,7 @@ import torch
 import kennel_artifact
 from kennel_artifact import ORIGINAL_EVAL, Manifest
 
-from . import export
+from . import data, export, quantize
 from .breeds import DOG_IMAGES_CLASSES
 from .contract import ARCHITECTURES
 from .failure import TrainingFailure
@@ -151,8 +159,24 @@ def check_images(count: int = 8) -> torch.Tensor:
     return torch.stack([torch.from_numpy(ORIGINAL_EVAL.apply(draw_image(i, rng))) for i in range(count)])
 
 
+def int8_images(folder: Path, class_names: list[str]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(calibration, validation) samples of ``folder``, labelled by the model's class names."""
+    if not folder.is_dir():
+        raise ConvertError(f"--int8-images {folder} is not a folder")
+    if (folder / "train").is_dir() and (folder / "valid").is_dir():
+        calibration = data.index_split("train", folder / "train", class_names).samples
+        validation = data.index_split("valid", folder / "valid", class_names).samples
+    else:
+        every = data.index_split("images", folder, class_names).samples
+        calibration, validation = every[0::2], every[1::2]
+    if not calibration or not validation:
+        raise ConvertError(f"--int8-images {folder} holds no images in folders named as the model's classes "
+                           f"(e.g. {class_names[0]}/), for calibration and for the accuracy gate")
+    return calibration, validation
+
+
 def convert(model_tar: Path | None, model_pth: Path | None, output: Path, class_names: Path | None,
-            architecture: str = "resnet50") -> Manifest:
+            architecture: str = "resnet50", images: Path | None = None) -> Manifest:
     raw, name = read_weights(model_tar, model_pth)
     state = load_state_dict(raw, name)
     head, num_classes = head_of(state, name)
@@ -165,8 +189,13 @@ def convert(model_tar: Path | None, model_pth: Path | None, output: Path, class_
                         data={"converted_from": name, "model_pth_sha256": hashlib.sha256(raw).hexdigest()},
                         versions={"torch": torch.__version__.split("+")[0],
                                   "kennel_artifact_format": str(kennel_artifact.FORMAT_VERSION)})
+    samples = int8_images(images, names) if images is not None else None
     try:
         export.write_model_dir(output, network, manifest, check_images())
+        if samples is None:
+            quantize.skip(output, manifest, "no images were given to calibrate and check it (--int8-images)")
+        else:
+            quantize.build_int8(output, manifest, *samples)
     except TrainingFailure as error:
         raise ConvertError(str(error)) from None
     except OSError as error:
@@ -185,14 +214,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="class names, one per line or a JSON list (default: the 133 dogImages breeds)")
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="resnet50",
                         help="the network the weights belong to (default: resnet50, the original)")
+    parser.add_argument("--int8-images", type=Path, metavar="IMAGES",
+                        help="class folders (or train/ and valid/ of them) to build and check model.int8.onnx with; "
+                             "without it the model is FP32 only")
     args = parser.parse_args(argv)
     try:
-        manifest = convert(args.model_tar, args.model_pth, args.output, args.class_names, args.architecture)
+        manifest = convert(args.model_tar, args.model_pth, args.output, args.class_names, args.architecture,
+                           args.int8_images)
     except ConvertError as error:
         print(f"convert: error: {error}", file=sys.stderr)
         return 1
     print(f"converted to {args.output}: {manifest.architecture}, {manifest.num_classes} classes, original "
-          f"preprocessing, ONNX max abs difference {manifest.metrics['onnx_max_abs_diff']:.2g}; pack it with: "
+          f"preprocessing, ONNX max abs difference {manifest.metrics['onnx_max_abs_diff']:.2g}; "
+          f"{quantize.describe(manifest.int8)}; pack it with: "
           f"tar -czf model.tar.gz -C {args.output} .")
     return 0
 

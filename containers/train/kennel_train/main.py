@@ -37,7 +37,7 @@ import torch
 import kennel_artifact
 from kennel_artifact import IMAGENET_EVAL, Manifest
 
-from . import checkpoint, contract, data, device, distributed, export, launch, loop, reports
+from . import checkpoint, contract, data, device, distributed, export, launch, loop, quantize, reports
 from .cluster import DistributedError, Layout, Settings, plan, read_cluster
 from .failure import Stopped, TrainingFailure, is_out_of_memory, is_shared_memory_exhausted, reason_for, write_failure
 from .model import SplitModel, build_network, describe_head, find_pretrained, load_backbone
@@ -349,6 +349,13 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
     parity = export.write_model_dir(paths.model, network, manifest, _check_images(eval_sets["test"]))
     log.info("model written to %s (ONNX max abs difference %.2g, tolerance %.2g)", paths.model,
              parity["onnx_max_abs_diff"], parity["onnx_tolerance"])
+    if hp.int8:
+        log.info("int8: quantizing the model and scoring it beside FP32 on %d validation images",
+                 len(valid_index.samples))
+        int8 = quantize.build_int8(paths.model, manifest, train_index.samples, valid_index.samples, seed=hp.seed)
+    else:
+        int8 = quantize.skip(paths.model, manifest, "turned off by the setting int8=false")
+    log.info("%s", quantize.describe(int8))
     board.test(epochs_done, test_total.loss, test_total.accuracy)
     board.close()
     rows = reports.per_class_rows(classes, test_total.per_class_correct, test_total.per_class_count)
@@ -356,7 +363,7 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
     reports.write_metrics(paths.output_data, {
         "epochs": history, "test": {"loss": test_total.loss, "accuracy": test_total.accuracy,
                                     "images": int(test_total.count), "precision": "fp32"},
-        "data": counts, "hyperparameters": hp.to_json(), "onnx": parity,
+        "data": counts, "hyperparameters": hp.to_json(), "onnx": parity, "int8": int8,
         "runtime": {"device": str(runtime.device), "precision": runtime.precision, "threads": runtime.threads,
                     "world_size": group.world_size}})
     if history:
