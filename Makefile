@@ -88,6 +88,9 @@ BENCH_SERVE_ARGS ?=
 bench-serve: venv image-serve ## serving benchmark: latency and throughput vs in-process and the original, cold start, size
 	$(VENV)/bin/kennel-bench-serve --image $(SERVE_IMAGE) $(BENCH_SERVE_ARGS)
 
+bench-int8: venv ## INT8 against FP32 side by side: accuracy on DATA's splits, throughput, latency (MODEL=dir with model.int8.onnx DATA=dataset)
+	$(VENV)/bin/kennel-bench-int8 --model $(MODEL) --data $(DATA)
+
 bench-budget: venv ## request budget: memory and time of each hostile request on a worker's own path (ResNet-50)
 	$(VENV)/bin/kennel-bench-budget
 

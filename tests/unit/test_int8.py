@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import kennel_artifact
-from bench_serve import write_random_model
+from kennel_ops.bench.models import write_random_model
 from kennel_artifact import ArtifactError
 from kennel_serve import precision
 from kennel_serve.engine import KennelModel

@@ -1,6 +1,6 @@
 """INT8 against FP32 on one host, side by side in one run: accuracy, agreement, serving speed.
 
-    python scripts/bench_int8.py --model DIR --data DATASET [--seconds 20] [--rounds 2]
+    kennel-bench-int8 --model DIR --data DATASET [--seconds 20] [--rounds 2]
 
 DIR is a model directory holding model.int8.onnx (a training job's or convert's
 output); DATASET holds valid/ and test/ (one folder per class, the model's
@@ -27,17 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[1]
-for _package in ("containers/artifact", "containers/serve", "containers/train"):
-    if str(_REPO / _package) not in sys.path:
-        sys.path.insert(0, str(_REPO / _package))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import kennel_artifact  # noqa: E402
-from kennel_serve.engine import KennelModel  # noqa: E402
-from kennel_train import data, quantize  # noqa: E402
+import kennel_artifact
+from kennel_serve.engine import KennelModel
+from kennel_train import data, quantize
 
 GRAPHS = ("fp32", "int8")
 
@@ -119,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
     if not kennel_artifact.load(args.model).has_int8:
-        print(f"bench_int8: error: {args.model} has no {kennel_artifact.INT8_FILE}", file=sys.stderr)
+        print(f"kennel-bench-int8: error: {args.model} has no {kennel_artifact.INT8_FILE}", file=sys.stderr)
         return 1
     cpus = len(os.sched_getaffinity(0))
     print(f"CPU flags: {cpu_flags()}; {cpus} usable CPUs; {os.getloadavg()[0]:.1f} load average at start\n")
