@@ -30,7 +30,7 @@ KENNEL_PRETRAINED_DIR ?=
 LAMBDA_ZIP ?= build/lambda.zip
 
 .PHONY: help setup setup-test venv ops-venv build-ca test test-host images image-train image-serve train train-distributed
-.PHONY: sample data demo clean lambda-zip smoke loadtest serve bench-serve bench-budget bench-train
+.PHONY: sample data demo clean lambda-zip smoke loadtest serve bench-serve bench-budget bench-train bench-int8
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
