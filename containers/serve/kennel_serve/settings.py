@@ -79,7 +79,7 @@ SETTINGS: tuple[EnvSetting, ...] = (
     EnvSetting("KENNEL_URL_MAX_REDIRECTS", "3", "redirects per URL, each checked like the first URL"),
     EnvSetting("KENNEL_DRAIN_TIMEOUT_S", "20", "longest wait for in-flight requests on SIGTERM (at most 25)"),
     EnvSetting("KENNEL_METRICS", "true", "`false`: no per-request log line, stage timings or metrics "
-               "(`Server-Timing: worker` and `X-Request-Id` stay)"),
+               "(`Server-Timing: worker` and `X-Kennel-Request-Id` stay)"),
     EnvSetting("KENNEL_METRICS_PORT", "9100", "port of the Prometheus text endpoint `GET /metrics`, off the "
                "client port; `0`: none (compose publishes it as `KENNEL_METRICS_HOST_PORT`)", compose=False),
     EnvSetting("KENNEL_METRICS_EMF", "true (compose: false)",

@@ -21,9 +21,9 @@ the log only), marks the worker busy while it works (activity.py), and tells the
 client how long the worker took: a W3C ``Server-Timing: worker;dur=<ms>`` header on
 every answer, so a client can tell the model's time from the time its request waited
 in the server's queue, followed (KENNEL_METRICS on) by one entry per stage
-(kennel_serve.metrics.STAGES). Every answer, errors too, carries ``X-Request-Id``:
+(kennel_serve.metrics.STAGES). Every answer, errors too, carries ``X-Kennel-Request-Id``:
 SageMaker's X-Amzn-RequestId, else the client's X-Amzn-SageMaker-Inference-Id,
-else MMS's own id of the request. The handlers the toolkit runs (_run_handler_function)
+else MMS's own id of the request (MMS's X-Request-Id). The handlers the toolkit runs (_run_handler_function)
 are timed as decode (input_fn), forward (predict_fn) and render (output_fn), user
 code's too; then the request's line is printed and the worker's counts written
 (kennel_serve.metrics).
@@ -34,7 +34,7 @@ tests/contract/test_serve_http.py::test_payload_over_the_limit_is_413,
 tests/contract/test_serve_http.py::test_every_answer_says_how_long_the_worker_took,
 tests/contract/test_serve_user_code.py::test_user_errors_keep_their_status_and_internal_errors_say_nothing,
 tests/contract/test_serve_user_code.py::test_user_input_and_output_fn_with_the_default_model_and_predict_fn,
-tests/unit/test_serve_request_metrics.py, tests/contract/test_serve_observability.py.
+tests/unit/test_serve_metrics.py, tests/contract/test_serve_observability.py.
 """
 from __future__ import annotations
 
@@ -63,6 +63,9 @@ INTERNAL_ERROR_MESSAGE = "internal error while handling the request; the server 
 # Request id headers, first found wins (compared case-insensitively).
 REQUEST_ID_HEADERS = ("x-amzn-requestid", "x-amzn-sagemaker-inference-id")
 INFERENCE_ID_HEADER = "x-amzn-sagemaker-inference-id"
+# Not X-Request-Id: MMS's frontend (NettyUtils) replaces that one with its own id of the
+# request, which is also the id here when the request carries neither header above.
+REQUEST_ID_RESPONSE_HEADER = "X-Kennel-Request-Id"
 
 
 def request_headers(context: Any) -> dict:
@@ -106,7 +109,7 @@ class KennelTransformer(Transformer):
         request_id = self._request_id(headers, context)
         for index in range(len(data)):
             context.set_response_header(index, "Server-Timing", timing)
-            context.set_response_header(index, "X-Request-Id", request_id)
+            context.set_response_header(index, REQUEST_ID_RESPONSE_HEADER, request_id)
         if clock is not None:
             self._record(data, answers, context, headers, request_id, worker_s, clock)
         return answers
