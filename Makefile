@@ -30,7 +30,7 @@ KENNEL_PRETRAINED_DIR ?=
 LAMBDA_ZIP ?= build/lambda.zip
 
 .PHONY: help setup setup-test venv ops-venv build-ca test test-host images image-train image-serve train train-distributed
-.PHONY: sample data demo clean lambda-zip smoke loadtest serve bench-serve bench-budget bench-train
+.PHONY: sample data demo clean lambda-zip smoke loadtest serve bench-serve bench-budget bench-train bench-overhead
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
@@ -87,6 +87,11 @@ serve: image-serve ## serve ./model on 127.0.0.1:8080 with docker compose (KENNE
 BENCH_SERVE_ARGS ?=
 bench-serve: venv image-serve ## serving benchmark: latency and throughput vs in-process and the original, cold start, size
 	$(VENV)/bin/kennel-bench-serve --image $(SERVE_IMAGE) $(BENCH_SERVE_ARGS)
+
+# Extra flags for kennel-bench-overhead, e.g. BENCH_OVERHEAD_ARGS='--rounds 10 --requests 200'.
+BENCH_OVERHEAD_ARGS ?=
+bench-overhead: venv image-serve ## serving's metrics and logging: served p50 on vs off, side by side (target < 2%)
+	$(VENV)/bin/kennel-bench-overhead --image $(SERVE_IMAGE) $(BENCH_OVERHEAD_ARGS)
 
 bench-budget: venv ## request budget: memory and time of each hostile request on a worker's own path (ResNet-50)
 	$(VENV)/bin/kennel-bench-budget
