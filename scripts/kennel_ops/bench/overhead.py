@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import statistics
 import sys
 import tempfile
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from kennel_ops.bench.models import write_random_model
-from kennel_ops.bench.serve import ServedImage, machine
+from kennel_ops.bench.serve import ServedImage
 
 TARGET_RATIO = 1.02
 SETUPS = {"on": {"KENNEL_METRICS": "true", "KENNEL_METRICS_EMF": "true"}, "off": {"KENNEL_METRICS": "false"}}
@@ -114,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers.values():
                 server.stop()
-    m = machine()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
-    print(f"machine: {m['cpu']}, {m['cpus']} CPUs, docker {m['docker']}, load average at start "
-          f"{m['load_average_at_start']}")
+    print(f"machine: {cpu}, {os.cpu_count()} CPUs, load average now {os.getloadavg()[0]:.2f}")
     print(f"{args.architecture}, 500x375 JPEGs, {args.rounds} alternating rounds x {args.requests} sequential requests")
     for index, medians in enumerate(per_round, 1):
         print(f"  round {index}: on {medians['on'] * 1000:.1f} ms, off {medians['off'] * 1000:.1f} ms, "
