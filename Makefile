@@ -30,7 +30,7 @@ KENNEL_PRETRAINED_DIR ?=
 LAMBDA_ZIP ?= build/lambda.zip
 
 .PHONY: help setup setup-test venv ops-venv build-ca test test-host images image-train image-serve train train-distributed
-.PHONY: sample data demo clean lambda-zip smoke loadtest serve bench-serve bench-budget bench-train bench-int8
+.PHONY: sample data demo clean lambda-zip smoke loadtest serve bench-serve bench-budget bench-train bench-int8 bench-overhead
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
@@ -90,6 +90,11 @@ bench-serve: venv image-serve ## serving benchmark: latency and throughput vs in
 
 bench-int8: venv ## INT8 against FP32 side by side: accuracy on DATA's splits, throughput, latency (MODEL=dir with model.int8.onnx DATA=dataset)
 	$(VENV)/bin/kennel-bench-int8 --model $(MODEL) --data $(DATA)
+
+# Extra flags for kennel-bench-overhead, e.g. BENCH_OVERHEAD_ARGS='--rounds 10 --requests 200'.
+BENCH_OVERHEAD_ARGS ?=
+bench-overhead: venv image-serve ## serving's metrics and logging: served p50 on vs off, side by side (target < 2%)
+	$(VENV)/bin/kennel-bench-overhead --image $(SERVE_IMAGE) $(BENCH_OVERHEAD_ARGS)
 
 bench-budget: venv ## request budget: memory and time of each hostile request on a worker's own path (ResNet-50)
 	$(VENV)/bin/kennel-bench-budget

@@ -103,7 +103,9 @@ class ServeProcess:
         self.env = {**os.environ, "PYTHONPATH": PYTHONPATH, "SAGEMAKER_BASE_DIR": str(self.base_dir),
                     "SAGEMAKER_BIND_TO_PORT": str(self.port), "KENNEL_BIND_ADDRESS": "127.0.0.1",
                     "KENNEL_SERVE_STATE_DIR": str(self.state_dir), "KENNEL_MMS_PLUGINS": str(plugins),
-                    "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "KENNEL_ORT_THREADS": "1", **(env or {})}
+                    "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "KENNEL_ORT_THREADS": "1",
+                    # No metrics port unless a test asks (servers run side by side on the host).
+                    "KENNEL_METRICS_PORT": "0", **(env or {})}
         self.process: subprocess.Popen | None = None
 
     @property

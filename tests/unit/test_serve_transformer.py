@@ -122,7 +122,7 @@ def test_every_answer_says_how_long_the_worker_took_and_the_worker_is_busy_only_
     flag = worker.settings.state_dir / WORKERS_DIR / str(os.getpid())
     for body, expected in ((b"jpeg", 200), (b"client mistake", 400), (b"internal", 500)):
         status, headers, _ = worker.invoke(body, {"Content-Type": "image/jpeg"})
-        name, _, duration = headers["Server-Timing"].partition(";dur=")
+        name, _, duration = headers["Server-Timing"].split(",")[0].partition(";dur=")
         assert status == expected and name == "worker" and float(duration) >= 0
         assert flag.read_bytes() == b"0"
     assert [entry[3] for entry in worker.handlers.seen if entry[0] == "input"] == [b"1"] * 3

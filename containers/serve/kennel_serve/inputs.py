@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from kennel_artifact import ImageError, Preprocessing, decode_image
 
+from kennel_serve import metrics
 from kennel_serve.mms_toolkit.errors import bad_request, payload_too_large, unsupported_media_type
 
 JSON_CONTENT_TYPE = "application/json"
@@ -101,7 +102,10 @@ def decode_request(body: bytes | bytearray | str | None, content_type: str | Non
         where, source = blobs.pop(0)  # from here only `source` keeps this image's bytes alive
         try:
             image = decode_image(source(), max_pixels=max_pixels, check_size=within_budget)
-            decoded.append(preprocessing.apply(image) if preprocessing is not None else image)
+            if preprocessing is not None:
+                with metrics.stage("preprocess"):
+                    image = preprocessing.apply(image)
+            decoded.append(image)
         except ImageError as exc:
             raise bad_request(f"{where}: {exc}" if several else str(exc)) from None
         del image, source  # before the next image is fetched and decoded

@@ -8,6 +8,10 @@ sagemaker-inference calls these handlers, in this order, for every request:
 2. default_predict_fn: one forward pass on ONNX Runtime (engine.py);
 3. default_output_fn: render the logits as the client's Accept asks (outputs.py).
 
+Each step is a stage of the request's timings (kennel_serve.metrics): input_fn is
+"decode" less the "fetch" of URLs and the "preprocess" of each image, predict_fn
+"forward", output_fn "render".
+
 default_model_fn and default_model_warmup_fn run once per worker, before its first
 request. A user's code/inference.py in the model dir may replace any of them
 (SAGEMAKER_PROGRAM names the module), exactly as in SageMaker's framework images.
@@ -19,7 +23,6 @@ Transformer -> the handlers below.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any, Sequence
 
@@ -28,7 +31,7 @@ from PIL import Image
 
 from kennel_artifact import Preprocessing
 
-from kennel_serve import inputs, outputs
+from kennel_serve import inputs, metrics, outputs
 from kennel_serve.engine import KennelModel
 from kennel_serve.mms_toolkit.activity import busy_workers
 from kennel_serve.mms_toolkit.transformer import request_headers
@@ -67,7 +70,12 @@ class KennelInferenceHandler:
                          context: Any = None) -> np.ndarray | list[Image.Image]:
         """Decode and preprocess: float32 [N, 3, H, W] (decoded RGB images when model_fn is the user's)."""
         # One deadline for every URL of the request, from its start.
-        fetch = functools.partial(self.fetcher.fetch, deadline=self.fetcher.request_deadline())
+        deadline = self.fetcher.request_deadline()
+
+        def fetch(url: str) -> bytes:
+            with metrics.stage("fetch"):
+                return self.fetcher.fetch(url, deadline=deadline)
+
         # Each image is preprocessed as soon as it is decoded, so at most one decoded image is held.
         decoded = inputs.decode_request(input_data, content_type, fetch_url=fetch,
                                         max_images=self.settings.max_images, max_pixels=self.settings.max_pixels,

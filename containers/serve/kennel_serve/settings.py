@@ -26,6 +26,7 @@ BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
 # Decoding time grows with pixels: 200 megapixels in all is five 40-megapixel photos,
 # or 32 phone pictures of 6 megapixels.
 DEFAULT_MAX_REQUEST_PIXELS = 200_000_000
+METRICS_PORT = 9100
 DEFAULT_VMARGS = ("-XX:+UseContainerSupport -XX:MaxRAMPercentage=25 -XX:+ExitOnOutOfMemoryError "
                   "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xmn16m")
 
@@ -82,6 +83,13 @@ SETTINGS: tuple[EnvSetting, ...] = (
     EnvSetting("KENNEL_URL_MAX_BYTES", str(10 * MIB), "bytes per fetched image"),
     EnvSetting("KENNEL_URL_MAX_REDIRECTS", "3", "redirects per URL, each checked like the first URL"),
     EnvSetting("KENNEL_DRAIN_TIMEOUT_S", "20", "longest wait for in-flight requests on SIGTERM (at most 25)"),
+    EnvSetting("KENNEL_METRICS", "true", "`false`: no per-request log line, stage timings or metrics "
+               "(`Server-Timing: worker` and `X-Kennel-Request-Id` stay)"),
+    EnvSetting("KENNEL_METRICS_PORT", "9100", "port of the Prometheus text endpoint `GET /metrics`, off the "
+               "client port; `0`: none (compose publishes it as `KENNEL_METRICS_HOST_PORT`)", compose=False),
+    EnvSetting("KENNEL_METRICS_EMF", "true (compose: false)",
+               "CloudWatch Embedded Metric Format keys in each request's log line"),
+    EnvSetting("KENNEL_METRICS_MODEL", "`kennel`", "the `Model` dimension / `model` label of every metric"),
     EnvSetting("KENNEL_BIND_ADDRESS", "`0.0.0.0`", "the address MMS listens on", compose=False),
     EnvSetting("KENNEL_SERVE_STATE_DIR", "`/tmp/kennel-serve`",
                "the server's runtime files (MMS config, sockets, worker activity)", compose=False),
@@ -145,6 +153,10 @@ class ServeSettings:
     state_dir: Path = Path("/tmp/kennel-serve")
     mms_plugins: Path | None = None
     vmargs: str = DEFAULT_VMARGS
+    metrics: bool = True
+    metrics_port: int = 0  # 0: no Prometheus endpoint (the environment's default is METRICS_PORT)
+    metrics_emf: bool = False
+    metrics_model: str = "kennel"
     url: UrlFetchSettings = field(default_factory=UrlFetchSettings)
 
     @classmethod
@@ -171,10 +183,15 @@ class ServeSettings:
             raise SettingsError(f"KENNEL_PRECISION={precision!r} must be one of {', '.join(PRECISIONS)}")
         networks, hosts = _allowlist(read.text("KENNEL_URL_ALLOWLIST", ""))
         plugins = read.text("KENNEL_MMS_PLUGINS", "")
+        port = read.integer("SAGEMAKER_BIND_TO_PORT", 8080, low=1, high=32766)
+        metrics_port = read.integer("KENNEL_METRICS_PORT", METRICS_PORT, low=0, high=65535)
+        if metrics_port == port:
+            raise SettingsError(f"KENNEL_METRICS_PORT={metrics_port} is the client port: the metrics need a port "
+                                f"of their own (0: none)")
         return cls(
             model_dir=Path(read.text("SAGEMAKER_BASE_DIR", "/opt/ml")) / "model",
             # multi-model-server refuses ports from 32767 up (it stores them in a Java short).
-            port=read.integer("SAGEMAKER_BIND_TO_PORT", 8080, low=1, high=32766),
+            port=port,
             bind_address=read.text("KENNEL_BIND_ADDRESS", "0.0.0.0"),
             cpus=cpus,
             workers=workers,
@@ -195,6 +212,10 @@ class ServeSettings:
             state_dir=Path(read.text("KENNEL_SERVE_STATE_DIR", "/tmp/kennel-serve")),
             mms_plugins=Path(plugins) if plugins else None,
             vmargs=read.text("SAGEMAKER_MODEL_SERVER_VMARGS", DEFAULT_VMARGS),
+            metrics=read.flag("KENNEL_METRICS", True),
+            metrics_port=metrics_port,
+            metrics_emf=read.flag("KENNEL_METRICS_EMF", True),
+            metrics_model=_metric_label(read.text("KENNEL_METRICS_MODEL", "kennel")),
             url=UrlFetchSettings(
                 enabled=read.flag("KENNEL_URL_FETCH", True),
                 allowed_networks=networks,
@@ -264,6 +285,13 @@ def _in_range(name, value, low, high):
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
         raise SettingsError(f"{name}={value} must be {bounds}")
+    return value
+
+
+def _metric_label(value: str) -> str:
+    """A model name that is safe as a CloudWatch dimension and a Prometheus label value."""
+    if len(value) > 64 or not all(c.isalnum() or c in "-_." for c in value):
+        raise SettingsError(f"KENNEL_METRICS_MODEL={value!r} must be at most 64 letters, digits, '-', '_' or '.'")
     return value
 
 

@@ -268,12 +268,12 @@ def saturation(url: str, payloads: list[bytes], workers: int, seconds: float) ->
 # --------------------------------------------------------------------------- report
 
 def machine() -> dict:
-    from kennel_serve.cpus import available_cpus
+    from kennel_env import usable_cpus
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
     docker = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True,
                             text=True).stdout.strip()
-    return {"cpu": model, "cpus": available_cpus(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
+    return {"cpu": model, "cpus": usable_cpus(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
                                                                          * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "kernel": platform.release(), "python": platform.python_version(), "docker": docker,
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
@@ -319,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         prioritize_self()
         cgroup_parent = priority_cgroup() if args.server == "docker" else None
     from kennel_ops.load.payloads import dog_photos
-    from kennel_serve.cpus import available_cpus
+    from kennel_env import usable_cpus
 
-    cpus = available_cpus()
+    cpus = usable_cpus()
     results: dict = {"machine": machine(), "model": f"{args.arch}, {args.classes} classes, random weights",
                      "image": args.image, "server": args.server, "priority": args.priority, "targets": TARGETS, "layouts": {}}
     payloads = dog_photos(8)

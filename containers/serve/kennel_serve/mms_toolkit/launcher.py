@@ -4,8 +4,9 @@
 2. Install code/requirements.txt if the model brings one.
 3. Load the model exactly as the workers will (same handlers, user code included)
    and run one warm-up inference.
-4. Write MMS's configuration (mms_config.py) and start MMS in its own process group.
-5. Supervise it (supervisor.py); on SIGTERM/SIGINT drain (drain.py), then stop it,
+4. Serve GET /metrics on KENNEL_METRICS_PORT from a thread (kennel_serve.metrics_endpoint).
+5. Write MMS's configuration (mms_config.py) and start MMS in its own process group.
+6. Supervise it (supervisor.py); on SIGTERM/SIGINT drain (drain.py), then stop it,
    exit 0 well within SageMaker's 30 s.
 
 Works around (sagemaker-inference 1.10.1, multi-model-server 1.1.11), in place of the
@@ -110,6 +111,13 @@ def main() -> int:
                         if path is not None]
         sys.path[:0] = [str(path) for path in python_paths]
         check_model_serves(settings)
+        if settings.metrics and settings.metrics_port:
+            from kennel_serve.metrics_endpoint import start_metrics_endpoint
+            try:
+                start_metrics_endpoint(settings)
+            except OSError as exc:
+                raise ServeError(f"cannot serve metrics on {settings.bind_address}:{settings.metrics_port} "
+                                 f"(KENNEL_METRICS_PORT; 0: none): {exc.strerror or exc}") from None
     except (SettingsError, ServeError) as exc:
         print(f"kennel-serve: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -21,20 +21,30 @@ the log only), marks the worker busy while it works (activity.py), and tells the
 client how long the worker took: a W3C ``Server-Timing: worker;dur=<ms>`` header on
 every answer, so a client can tell the model's time from the time its request waited
 in the server's queue, and which graph answered: ``X-Kennel-Precision: int8; setting=auto;
-speedup=2.41`` (kennel_serve.precision).
+speedup=2.41`` (kennel_serve.precision). With KENNEL_METRICS on, Server-Timing goes on
+with one entry per stage
+(kennel_serve.metrics.STAGES). Every answer, errors too, carries ``X-Kennel-Request-Id``:
+SageMaker's X-Amzn-RequestId, else the client's X-Amzn-SageMaker-Inference-Id,
+else MMS's own id of the request (MMS's X-Request-Id). The handlers the toolkit runs (_run_handler_function)
+are timed as decode (input_fn), forward (predict_fn) and render (output_fn), user
+code's too; then the request's line is printed and the worker's counts written
+(kennel_serve.metrics).
 
 Proved by: tests/unit/test_serve_transformer.py (every point above),
 tests/contract/test_serve_http.py::test_bad_input_is_a_clear_4xx_and_the_server_stays_healthy,
 tests/contract/test_serve_http.py::test_payload_over_the_limit_is_413,
 tests/contract/test_serve_http.py::test_every_answer_says_how_long_the_worker_took,
 tests/contract/test_serve_user_code.py::test_user_errors_keep_their_status_and_internal_errors_say_nothing,
-tests/contract/test_serve_user_code.py::test_user_input_and_output_fn_with_the_default_model_and_predict_fn.
+tests/contract/test_serve_user_code.py::test_user_input_and_output_fn_with_the_default_model_and_predict_fn,
+tests/unit/test_serve_metrics.py, tests/contract/test_serve_observability.py.
 """
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+import uuid
 from http import HTTPStatus
 from typing import Any
 
@@ -42,6 +52,7 @@ from sagemaker_inference import content_types
 from sagemaker_inference.errors import BaseInferenceToolkitError
 from sagemaker_inference.transformer import Transformer
 
+from kennel_serve import metrics
 from kennel_serve.inputs import JSONLINES_CONTENT_TYPES, parse_media_type
 from kennel_serve.mms_toolkit.activity import WorkerActivity
 from kennel_serve.mms_toolkit.errors import RequestError, bad_request, payload_too_large, unsupported_media_type
@@ -52,6 +63,12 @@ log = logging.getLogger(__name__)
 
 _TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
 INTERNAL_ERROR_MESSAGE = "internal error while handling the request; the server log has the details"
+# Request id headers, first found wins (compared case-insensitively).
+REQUEST_ID_HEADERS = ("x-amzn-requestid", "x-amzn-sagemaker-inference-id")
+INFERENCE_ID_HEADER = "x-amzn-sagemaker-inference-id"
+# Not X-Request-Id: MMS's frontend (NettyUtils) replaces that one with its own id of the
+# request, which is also the id here when the request carries neither header above.
+REQUEST_ID_RESPONSE_HEADER = "X-Kennel-Request-Id"
 
 
 def request_headers(context: Any) -> dict:
@@ -72,19 +89,80 @@ class KennelTransformer(Transformer):
         super().__init__(default_inference_handler=default_inference_handler)
         self.settings = settings
         self._activity = activity or WorkerActivity(settings.state_dir)
+        self._counts = metrics.WorkerCounts()  # this worker's, since it started
 
     def transform(self, data: list, context: Any) -> list:
         began = time.perf_counter()
-        with self._activity.busy():
-            answers = self._transform(data, context)
-        timing = f"worker;dur={(time.perf_counter() - began) * 1000:.1f}"
+        clock = metrics.StageClock() if self.settings.metrics else None
+        metrics.clock = clock
+        try:
+            with self._activity.busy():
+                if clock is None:
+                    answers = self._transform(data, context)
+                else:
+                    with clock.stage("read"):  # the stages below pause it while they run
+                        answers = self._transform(data, context)
+        finally:
+            metrics.clock = None
+        worker_s = time.perf_counter() - began
+        timing = f"worker;dur={worker_s * 1000:.1f}"
+        if clock is not None:
+            timing += "".join(f", {name};dur={seconds * 1000:.1f}" for name, seconds in clock.seconds.items())
+        headers = request_headers(context)
+        request_id = self._request_id(headers, context)
         # Which graph answered (precision.py): absent while model_fn is a user's own.
         choice = getattr(self._model, "precision", None)
         for index in range(len(data)):
             context.set_response_header(index, "Server-Timing", timing)
+            context.set_response_header(index, REQUEST_ID_RESPONSE_HEADER, request_id)
             if isinstance(choice, Choice):
                 context.set_response_header(index, HEADER, choice.header())
+        if clock is not None:
+            self._record(data, answers, context, headers, request_id, worker_s, clock)
         return answers
+
+    @staticmethod
+    def _request_id(headers: dict, context: Any) -> str:
+        lowered = {str(key).lower(): value for key, value in headers.items()}
+        for name in REQUEST_ID_HEADERS:
+            value = str(lowered.get(name) or "").strip()
+            if value and len(value) <= 128 and value.isprintable():
+                return value
+        try:
+            return str(context.get_request_id(0)) or uuid.uuid4().hex
+        except (AttributeError, IndexError, TypeError, KeyError):
+            return uuid.uuid4().hex
+
+    def _record(self, data: list, answers: list, context: Any, headers: dict, request_id: str, worker_s: float,
+                clock: metrics.StageClock) -> None:
+        """The request's log line, and the worker's counts; best effort: the answer is already made."""
+        try:
+            try:
+                status = int(context.get_response_status(0)[0] or 200)
+            except (AttributeError, IndexError, TypeError, ValueError):
+                status = 200
+            received = sum(len(request.get("body") or b"") for request in data)
+            sent = sum(len(answer) if isinstance(answer, (str, bytes, bytearray)) else 0 for answer in answers)
+            inference_id = next((str(v) for k, v in headers.items() if str(k).lower() == INFERENCE_ID_HEADER), None)
+            line = metrics.request_line(request_id=request_id, inference_id=inference_id, status=status,
+                                        model=self.settings.metrics_model, worker_s=worker_s,
+                                        stages_s=clock.seconds, received=received, sent=sent,
+                                        emf=self.settings.metrics_emf)
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()  # a pipe to MMS: without it lines arrive in blocks, late
+            self._counts.add(status, worker_s, clock.seconds, received, sent)
+            self._counts.write(self.settings.state_dir)
+        except Exception:  # noqa: BLE001 (the client has its answer whatever happens here)
+            log.exception("could not record request %s", request_id)
+
+    def _run_handler_function(self, func: Any, *argv: Any) -> Any:
+        stage = ("decode" if func == getattr(self, "_input_fn", None)
+                 else "forward" if func == getattr(self, "_predict_fn", None)
+                 else "render" if func == getattr(self, "_output_fn", None) else None)
+        if stage is None:
+            return super()._run_handler_function(func, *argv)
+        with metrics.stage(stage):
+            return super()._run_handler_function(func, *argv)
 
     def _transform(self, data: list, context: Any) -> list:
         try:
