@@ -21,7 +21,7 @@ CLIENTS, PER_CLIENT = 3, 10
 
 def test_prometheus_and_emf_lines_agree_with_the_clients(serve_image, model_dir, containers):  # noqa: F811
     metrics_port = free_port()
-    server = Container(serve_image, model_dir, env={"SAGEMAKER_MODEL_SERVER_WORKERS": "2"},
+    server = Container(serve_image, model_dir, env={"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "KENNEL_METRICS": "true"},
                        extra=["-p", f"127.0.0.1:{metrics_port}:9100"])
     containers.append(server)
     server.wait_ready()

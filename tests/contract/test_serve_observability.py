@@ -26,7 +26,7 @@ CLIENTS, PER_CLIENT = 4, 12
 @pytest.fixture(scope="module")
 def observed(resnet18_base, plugins):  # noqa: F811
     port = free_port()
-    process = ServeProcess(resnet18_base, plugins, env={"SAGEMAKER_MODEL_SERVER_WORKERS": "2",
+    process = ServeProcess(resnet18_base, plugins, env={"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "KENNEL_METRICS": "true",
                                                         "KENNEL_METRICS_PORT": str(port),
                                                         "KENNEL_METRICS_EMF": "true",
                                                         "KENNEL_METRICS_MODEL": "dogs"})

@@ -137,7 +137,7 @@ def _invoke(transformer, context, body, headers):
 
 
 def test_each_answer_has_stage_timings_an_id_a_log_line_and_counts(tmp_path, capsys):
-    settings = ServeSettings(model_dir=tmp_path, state_dir=tmp_path / "state", metrics_emf=True)
+    settings = ServeSettings(model_dir=tmp_path, state_dir=tmp_path / "state", metrics=True, metrics_emf=True)
     transformer = KennelTransformer(_Handlers(), settings)
     context = Context("model", str(tmp_path), {}, 1, None, "1.1.11")
     status, headers = _invoke(transformer, context, b"jpeg", {"Content-Type": "image/jpeg",

@@ -83,8 +83,9 @@ SETTINGS: tuple[EnvSetting, ...] = (
     EnvSetting("KENNEL_URL_MAX_BYTES", str(10 * MIB), "bytes per fetched image"),
     EnvSetting("KENNEL_URL_MAX_REDIRECTS", "3", "redirects per URL, each checked like the first URL"),
     EnvSetting("KENNEL_DRAIN_TIMEOUT_S", "20", "longest wait for in-flight requests on SIGTERM (at most 25)"),
-    EnvSetting("KENNEL_METRICS", "true", "`false`: no per-request log line, stage timings or metrics "
-               "(`Server-Timing: worker` and `X-Kennel-Request-Id` stay)"),
+    EnvSetting("KENNEL_METRICS", "false", "`true`: a log line per request, stage timings in `Server-Timing` and "
+               "the metrics below (off until the overhead benchmark meets its target: docs/benchmarks.md); "
+               "`Server-Timing: worker` and `X-Kennel-Request-Id` are always there"),
     EnvSetting("KENNEL_METRICS_PORT", "9100", "port of the Prometheus text endpoint `GET /metrics`, off the "
                "client port; `0`: none (compose publishes it as `KENNEL_METRICS_HOST_PORT`)", compose=False),
     EnvSetting("KENNEL_METRICS_EMF", "true (compose: false)",
@@ -153,7 +154,7 @@ class ServeSettings:
     state_dir: Path = Path("/tmp/kennel-serve")
     mms_plugins: Path | None = None
     vmargs: str = DEFAULT_VMARGS
-    metrics: bool = True
+    metrics: bool = False
     metrics_port: int = 0  # 0: no Prometheus endpoint (the environment's default is METRICS_PORT)
     metrics_emf: bool = False
     metrics_model: str = "kennel"
@@ -212,7 +213,7 @@ class ServeSettings:
             state_dir=Path(read.text("KENNEL_SERVE_STATE_DIR", "/tmp/kennel-serve")),
             mms_plugins=Path(plugins) if plugins else None,
             vmargs=read.text("SAGEMAKER_MODEL_SERVER_VMARGS", DEFAULT_VMARGS),
-            metrics=read.flag("KENNEL_METRICS", True),
+            metrics=read.flag("KENNEL_METRICS", False),
             metrics_port=metrics_port,
             metrics_emf=read.flag("KENNEL_METRICS_EMF", True),
             metrics_model=_metric_label(read.text("KENNEL_METRICS_MODEL", "kennel")),
