@@ -98,7 +98,8 @@ class KennelHttpUser(FastHttpUser):
                                            "Accept": self.plan.accept}) as response:
                 failed = getattr(response, "error", None)  # no HTTP answer: a transport error
                 if failed is not None and not response.status_code:
-                    response.failure(transport_error(failed))
+                    # geventhttpclient wraps the socket's error (a timeout, a refusal) in RetriesExceeded
+                    response.failure(transport_error(getattr(failed, "original", None) or failed))
                 else:
                     problem = answer_problem(response.status_code, response.content or b"")
                     if problem:
