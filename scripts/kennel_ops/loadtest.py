@@ -23,8 +23,10 @@ starts on 127.0.0.1; a URL off this machine, and any endpoint, needs
 from __future__ import annotations
 
 import argparse
+import base64
 import ipaddress
 import itertools
+import json
 import os
 import socket
 import sys
@@ -38,6 +40,7 @@ from pathlib import Path
 DEFAULT_CONCURRENCY = "1,2,3,4,6,8,12,16,24,32"
 WORKERS_VARIABLE = "SAGEMAKER_MODEL_SERVER_WORKERS"
 THREADS_VARIABLE = "KENNEL_ORT_THREADS"  # ONNX Runtime intra-op threads per worker (containers/serve)
+BODY_FORMATS = ("jpeg", "base64-json")
 
 
 def _int_list(text: str) -> list[int]:
@@ -100,6 +103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds (default 30)")
     load.add_argument("--images", type=int, default=16, help="distinct generated 500x375 JPEGs to cycle (default 16)")
     load.add_argument("--photos", type=Path, help="use the .jpg files under this folder instead")
+    load.add_argument("--body", choices=BODY_FORMATS, default="jpeg",
+                      help="jpeg: the photo as image/jpeg (default); base64-json: {\"image\": \"<base64>\"} as "
+                           "application/json, what a JSON client sends")
     crit = parser.add_argument_group("criteria and recommendation")
     crit.add_argument("--target-p99", type=float, default=1.0, help="p99 latency target in seconds (default 1)")
     crit.add_argument("--safety-factor", type=float, default=0.5, help="AWS's safety factor (default 0.5)")
@@ -169,6 +175,13 @@ def user_classes(args: argparse.Namespace, builtin: type) -> list[type]:
         return list(found.values())
     timeouts = {"network_timeout": args.timeout, "connection_timeout": min(args.timeout, 10.0)}
     return [type("KennelLoadUser", (builtin,), {"abstract": False, **timeouts})]
+
+
+def request_bodies(photos: list[bytes], body_format: str) -> tuple[list[bytes], str]:
+    """(bodies, Content-Type) for the photos in the chosen format."""
+    if body_format == "base64-json":
+        return [json.dumps({"image": base64.b64encode(p).decode("ascii")}).encode() for p in photos], "application/json"
+    return photos, "image/jpeg"
 
 
 def measure(engine, args: argparse.Namespace, settings: dict[str, str], sampler, target_name: str):
@@ -255,12 +268,13 @@ def run(args: argparse.Namespace) -> dict:
     from kennel_ops.load.payloads import dog_photos, load_photos
     from kennel_ops.load.users import RUNTIME_PAYLOAD_LIMIT, KennelHttpUser, LoadPlan, SageMakerRuntimeUser
 
-    payloads = load_photos(args.photos) if args.photos else dog_photos(args.images)
+    photos = load_photos(args.photos) if args.photos else dog_photos(args.images)
+    payloads, content_type = request_bodies(photos, args.body)
     runtime = cloudwatch = None
     if args.endpoint:
         too_big = [len(p) for p in payloads if len(p) > RUNTIME_PAYLOAD_LIMIT]
         if too_big:
-            raise LoadTestError(f"{len(too_big)} photo(s) over InvokeEndpoint's 6 MB limit "
+            raise LoadTestError(f"{len(too_big)} request bod(ies) over InvokeEndpoint's 6 MB limit "
                                 f"(largest {max(too_big)} bytes): SageMaker would refuse them")
         runtime, cloudwatch, region = runtime_clients(args)
     classes = user_classes(args, SageMakerRuntimeUser if args.endpoint else KennelHttpUser)
@@ -281,7 +295,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"   healthy after {container.startup_s:.1f} s at {container.url}", flush=True)
             url = target_name = container.url
             container_id = container.container_id
-        plan = LoadPlan(payloads, endpoint=args.endpoint, runtime=runtime)
+        plan = LoadPlan(payloads, content_type=content_type, endpoint=args.endpoint, runtime=runtime)
         host = None
         if url:
             parts = urllib.parse.urlsplit(url)
@@ -316,7 +330,7 @@ def run(args: argparse.Namespace) -> dict:
     settings = {"engine": f"locust {locust.__version__}", "users": [c.__name__ for c in classes],
                 "concurrency": args.concurrency, "step_seconds": args.step_seconds,
                 "step_max_requests": args.step_max_requests, "warmup_requests": args.warmup_requests,
-                "request_timeout_s": args.timeout, "payload": {"images": len(payloads),
+                "request_timeout_s": args.timeout, "payload": {"images": len(payloads), "content_type": content_type,
                 "mean_bytes": round(sum(map(len, payloads)) / len(payloads)),
                 "source": str(args.photos) if args.photos else "generated 500x375 JPEG (kennel_train.sample)"}}
     report = reports.build_report(results, url=where, target_p99_s=args.target_p99, safety_factor=args.safety_factor,
