@@ -106,11 +106,9 @@ def test_a_locustfile_of_ones_own_runs_in_kennels_ramp_and_report(tmp_path):
 
             @task(1)
             def ping(self):
-                if self.plan.take() is not None:
-                    try:
+                with self.plan.request() as body:
+                    if body is not None:
                         self.client.get("/ping", name="ping")
-                    finally:
-                        self.plan.done()
     """))
     with CapacityServer(slots=2, service_s=0.01) as server:
         result = run_loadtest("--url", server.url, "--locustfile", str(locustfile), "--concurrency", "1,2",
@@ -122,6 +120,22 @@ def test_a_locustfile_of_ones_own_runs_in_kennels_ramp_and_report(tmp_path):
     assert report["settings"]["users"] == ["PingToo"]
     steps = report["configurations"][0]["steps"]
     assert sum(s["requests"] for s in steps) + 2 > posts > 0  # the pings are requests the server did not count
+
+
+def test_the_locustfile_of_the_capacity_page_runs(tmp_path):
+    from kennel_ops.checkout import REPO
+
+    page = (REPO / "docs" / "capacity.md").read_text()
+    example = page.split("## Your own Locust users", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "top3.py").write_text(example)
+    with CapacityServer(slots=2, service_s=0.01) as server:
+        result = run_loadtest("--url", server.url, "--locustfile", str(tmp_path / "top3.py"), "--concurrency", "2",
+                              "--step-seconds", "1", "--warmup-requests", "0", *outputs(tmp_path))
+        sent = server.count
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    step = report["configurations"][0]["steps"][0]
+    assert report["settings"]["users"] == ["TopThree"] and step["requests"] == step["successes"] == sent > 0
 
 
 def test_a_container_that_cannot_be_sampled_is_a_warning_not_a_failure(tmp_path):

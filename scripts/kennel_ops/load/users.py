@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import gevent
 from locust import FastHttpUser, User, constant, task
@@ -77,6 +78,20 @@ class LoadPlan:
     def done(self) -> None:
         self.in_flight -= 1
 
+    @contextmanager
+    def request(self) -> Iterator[bytes | None]:
+        """`with plan.request() as body:` the next body to send, counted in flight until the block
+        ends; None (after a short idle wait) once the step is over: then send nothing."""
+        body = self.take()
+        if body is None:
+            gevent.sleep(IDLE_S)
+            yield None
+            return
+        try:
+            yield body
+        finally:
+            self.done()
+
 
 class KennelHttpUser(FastHttpUser):
     """POSTs the plan's photos to the environment's host + plan.path; 200 with JSON is a success."""
@@ -88,11 +103,9 @@ class KennelHttpUser(FastHttpUser):
 
     @task
     def invoke(self) -> None:
-        body = self.plan.take()
-        if body is None:
-            gevent.sleep(IDLE_S)
-            return
-        try:
+        with self.plan.request() as body:
+            if body is None:
+                return
             with self.client.post(self.plan.path, data=body, name="invocations", catch_response=True,
                                   headers={"Content-Type": self.plan.content_type,
                                            "Accept": self.plan.accept}) as response:
@@ -106,8 +119,6 @@ class KennelHttpUser(FastHttpUser):
                         response.failure(problem)
                     else:
                         response.success()
-        finally:
-            self.plan.done()
 
 
 def runtime_error(error: Exception) -> str:
@@ -134,26 +145,24 @@ class SageMakerRuntimeUser(User):
 
     @task
     def invoke(self) -> None:
-        body = self.plan.take()
-        if body is None:
-            gevent.sleep(IDLE_S)
-            return
         from botocore.exceptions import BotoCoreError, ClientError
 
-        started_at, began = time.time(), time.perf_counter()
-        error: Exception | None = None
-        length = 0
-        try:
-            answer = self.plan.runtime.invoke_endpoint(EndpointName=self.plan.endpoint, Body=body,
-                                                       ContentType=self.plan.content_type, Accept=self.plan.accept)
-            data = answer["Body"].read()
-            length = len(data)
-            problem = answer_problem(200, data)
-            error = AnswerError(problem) if problem else None
-        except (ClientError, BotoCoreError, OSError) as exc:
-            error = AnswerError(runtime_error(exc))
-        finally:
-            self.plan.done()
+        with self.plan.request() as body:
+            if body is None:
+                return
+            started_at, began = time.time(), time.perf_counter()
+            error: Exception | None = None
+            length = 0
+            try:
+                answer = self.plan.runtime.invoke_endpoint(EndpointName=self.plan.endpoint, Body=body,
+                                                           ContentType=self.plan.content_type,
+                                                           Accept=self.plan.accept)
+                data = answer["Body"].read()
+                length = len(data)
+                problem = answer_problem(200, data)
+                error = AnswerError(problem) if problem else None
+            except (ClientError, BotoCoreError, OSError) as exc:
+                error = AnswerError(runtime_error(exc))
         self.environment.events.request.fire(
             request_type="InvokeEndpoint", name=self.plan.endpoint, response_time=(time.perf_counter() - began) * 1000,
             response_length=length, response=None, context={}, exception=error, start_time=started_at, url=None)
