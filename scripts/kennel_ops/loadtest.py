@@ -163,6 +163,7 @@ class LoadTestError(Exception):
 
 def user_classes(args: argparse.Namespace, builtin: type) -> list[type]:
     """The Locust users to run: the locustfile's, or kennel's own user with this run's timeout."""
+    timeouts = {"network_timeout": args.timeout, "connection_timeout": min(args.timeout, 10.0)}
     if args.locustfile:
         from locust.util.load_locustfile import load_locustfile
 
@@ -172,8 +173,11 @@ def user_classes(args: argparse.Namespace, builtin: type) -> list[type]:
             raise LoadTestError(f"cannot load {args.locustfile}: {type(exc).__name__}: {exc}") from None
         if not found:
             raise LoadTestError(f"{args.locustfile} defines no Locust User class")
+        for user_class in found.values():  # --timeout, unless the class sets its own
+            for name, value in timeouts.items():
+                if issubclass(user_class, builtin) and name not in vars(user_class):
+                    setattr(user_class, name, value)
         return list(found.values())
-    timeouts = {"network_timeout": args.timeout, "connection_timeout": min(args.timeout, 10.0)}
     return [type("KennelLoadUser", (builtin,), {"abstract": False, **timeouts})]
 
 
@@ -249,7 +253,7 @@ def read_cloudwatch(cloudwatch, args: argparse.Namespace, began, ended) -> dict 
         print(f"== waiting {args.cloudwatch_wait:.0f} s for CloudWatch's per-minute metrics", flush=True)
         time.sleep(args.cloudwatch_wait)
     try:
-        section = endpoint_metrics.read(cloudwatch, args.endpoint, began, ended)
+        section = endpoint_metrics.read_endpoint_metrics(cloudwatch, args.endpoint, began, ended)
     except Exception as exc:  # noqa: BLE001 - no permission or no network: the run's own figures stand
         print(f"loadtest: cannot read CloudWatch metrics of {args.endpoint}: {type(exc).__name__}: {exc}",
               file=sys.stderr, flush=True)

@@ -34,7 +34,8 @@ def test_dashboard_for_the_endpoint_with_the_scaling_target_then_unchanged(cli, 
     latency = graphs["kennel: latency percentiles (ms)"]
     assert {(m[1], m[-1]["stat"]) for m in latency if isinstance(m[0], str)} == {
         ("ModelLatency", "p50"), ("ModelLatency", "p90"), ("ModelLatency", "p99"), ("OverheadLatency", "p99")}
-    assert all(m[2:6] == ["EndpointName", "kennel", "VariantName", "AllTraffic"] for m in latency if isinstance(m[0], str))
+    dimensions = ["EndpointName", "kennel", "VariantName", "AllTraffic"]
+    assert all(m[2:6] == dimensions for m in latency if isinstance(m[0], str))
     per_instance = next(w for w in dashboard["widgets"] if "scaling target" in w["properties"]["title"])
     assert per_instance["properties"]["annotations"]["horizontal"] == [
         {"label": "auto-scaling target 320", "value": 320.0}]

@@ -6,7 +6,7 @@ from kennel_ops.load import endpoint_metrics
 
 
 def test_the_window_is_whole_minutes_around_the_run():
-    start, end = endpoint_metrics.window(datetime(2026, 5, 1, 10, 0, 42, 5, tzinfo=timezone.utc),
+    start, end = endpoint_metrics.minute_window(datetime(2026, 5, 1, 10, 0, 42, 5, tzinfo=timezone.utc),
                                          datetime(2026, 5, 1, 10, 3, 7, tzinfo=timezone.utc))
     assert (start, end) == (datetime(2026, 5, 1, 10, 0, tzinfo=timezone.utc),
                             datetime(2026, 5, 1, 10, 4, tzinfo=timezone.utc))

@@ -22,7 +22,7 @@ from kennel_ops.aws.names import VARIANT, Names
 
 COMMAND = "dashboard"
 HELP = "a CloudWatch dashboard of the endpoint: latency, invocations per instance vs target, instances, errors, stages"
-PERIOD_S = 60
+GRAPH_PERIOD_S = 60
 # The serving container's EMF metrics (docs/serving.md, Metrics): one per stage of a request.
 STAGE_NAMESPACE = "kennel/Endpoint"
 STAGE_DIMENSION = "Model"
@@ -44,7 +44,7 @@ def endpoint_metric(metric: str, endpoint: str, options: dict[str, Any],
 def widget(title: str, metrics: list[list[Any]], region: str, x: int, y: int, *, stat: str = "Sum",
            label: str = "", annotations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     properties: dict[str, Any] = {"title": title, "region": region, "metrics": metrics, "view": "timeSeries",
-                                  "stacked": False, "period": PERIOD_S, "stat": stat,
+                                  "stacked": False, "period": GRAPH_PERIOD_S, "stat": stat,
                                   "yAxis": {"left": {"min": 0, "label": label, "showUnits": False}}}
     if annotations:
         properties["annotations"] = {"horizontal": annotations}
@@ -72,7 +72,7 @@ def dashboard_body(endpoint: str, region: str, target: float | None) -> dict[str
                                               else name}, namespace="/aws/sagemaker/Endpoints")
              for name in ("CPUUtilization", "MemoryUtilization")]
     stages = [[{"expression": f"SEARCH('{{{STAGE_NAMESPACE},{STAGE_DIMENSION}}} "
-                              f"MetricName=\"Stage_{stage}_ms\"', 'p50', {PERIOD_S})",
+                              f"MetricName=\"Stage_{stage}_ms\"', 'p50', {GRAPH_PERIOD_S})",
                 "label": f"{stage} p50", "id": f"stage{i}"}] for i, stage in enumerate(STAGES)]
     return {"widgets": [
         widget(f"{endpoint}: latency percentiles (ms)", latency, region, 0, 0, stat="p99", label="ms"),

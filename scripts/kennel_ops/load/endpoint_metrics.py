@@ -11,8 +11,9 @@ import math
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-VARIANT = "AllTraffic"  # the variant kennel-aws deploy creates
-PERIOD_S = 60
+from kennel_ops.aws.names import VARIANT  # the variant kennel-aws deploy creates
+
+METRIC_PERIOD_S = 60
 # (namespace, metric, statistics): the invocation metrics, then the instance metrics.
 QUERIES = (
     ("AWS/SageMaker", "ModelLatency", ("Average", "p50", "p99")),
@@ -22,7 +23,7 @@ QUERIES = (
 )
 
 
-def window(began: datetime, ended: datetime) -> tuple[datetime, datetime]:
+def minute_window(began: datetime, ended: datetime) -> tuple[datetime, datetime]:
     """Whole minutes covering [began, ended] (CloudWatch's periods start on the minute)."""
     start = began.astimezone(timezone.utc).replace(second=0, microsecond=0)
     end = ended.astimezone(timezone.utc).replace(second=0, microsecond=0) + timedelta(minutes=1)
@@ -37,7 +38,7 @@ def metric_queries(endpoint: str, variant: str = VARIANT) -> list[dict[str, Any]
             queries.append({"Id": f"m{len(queries)}", "Label": f"{metric} {stat}", "ReturnData": True,
                             "MetricStat": {"Metric": {"Namespace": namespace, "MetricName": metric,
                                                       "Dimensions": dimensions},
-                                           "Period": PERIOD_S, "Stat": stat}})
+                                           "Period": METRIC_PERIOD_S, "Stat": stat}})
     return queries
 
 
@@ -54,7 +55,8 @@ def over_window(stat: str, values: list[float]) -> float | None:
     return max(values)
 
 
-def fetch(cloudwatch, queries: list[dict[str, Any]], start: datetime, end: datetime) -> dict[str, dict[str, list]]:
+def fetch_metric_series(cloudwatch, queries: list[dict[str, Any]], start: datetime,
+                        end: datetime) -> dict[str, dict[str, list]]:
     """{label: {"timestamps", "values"}} of one set of queries (GetMetricData, one call per page)."""
     labels = {q["Id"]: q["Label"] for q in queries}
     series: dict[str, dict[str, list]] = {}
@@ -73,15 +75,17 @@ def fetch(cloudwatch, queries: list[dict[str, Any]], start: datetime, end: datet
             return series
 
 
-def read(cloudwatch, endpoint: str, began: datetime, ended: datetime, variant: str = VARIANT) -> dict[str, Any]:
+def read_endpoint_metrics(cloudwatch, endpoint: str, began: datetime, ended: datetime,
+                          variant: str = VARIANT) -> dict[str, Any]:
     """The report's `cloudwatch` section for one run. The percentiles are a call of their own:
     a store that cannot compute them (moto) still gives the other figures."""
-    start, end = window(began, ended)
+    start, end = minute_window(began, ended)
     queries = metric_queries(endpoint, variant)
-    series = fetch(cloudwatch, [q for q in queries if not q["MetricStat"]["Stat"].startswith("p")], start, end)
+    percentiles = [q for q in queries if q["MetricStat"]["Stat"].startswith("p")]
+    series = fetch_metric_series(cloudwatch, [q for q in queries if q not in percentiles], start, end)
     problems = []
     try:
-        series.update(fetch(cloudwatch, [q for q in queries if q["MetricStat"]["Stat"].startswith("p")], start, end))
+        series.update(fetch_metric_series(cloudwatch, percentiles, start, end))
     except Exception as exc:  # noqa: BLE001 - the averages and sums stand without the percentiles
         problems.append(f"percentiles not read: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
     metrics: dict[str, dict[str, Any]] = {}
@@ -90,7 +94,7 @@ def read(cloudwatch, endpoint: str, began: datetime, ended: datetime, variant: s
         metrics.setdefault(metric, {})[stat] = {"over_window": over_window(stat, entry["values"]),
                                                 "minutes": len(entry["values"]), **entry}
     return {"endpoint": endpoint, "variant": variant, "start": start.isoformat(), "end": end.isoformat(),
-            "period_s": PERIOD_S, "units": {"ModelLatency": "microseconds", "OverheadLatency": "microseconds",
+            "period_s": METRIC_PERIOD_S, "units": {"ModelLatency": "microseconds", "OverheadLatency": "microseconds",
                                             "Invocations": "count", "CPUUtilization": "percent (100 = one core)"},
             "metrics": metrics, "problems": problems}
 

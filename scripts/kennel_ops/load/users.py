@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import gevent
@@ -58,7 +58,7 @@ class LoadPlan:
     deadline: float = 0.0  # time.monotonic() after which no request starts
     left: int = 0  # requests this step may still start
     in_flight: int = 0
-    sent: int = field(default=0)
+    sent: int = 0  # requests started over the whole run (picks the next body)
 
     def open_step(self, duration_s: float, max_requests: int) -> None:
         self.deadline, self.left = time.monotonic() + duration_s, max_requests
