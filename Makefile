@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 # Two environments, both with scripts/kennel_ops installed editable (pyproject.toml):
 # .venv, the dev one (torch and the images' packages): the tests and the benchmarks;
-# .venv-ops, the light one (boto3, requests, pillow; no torch): demo, smoke, loadtest, AWS.
+# .venv-ops, the light one (boto3, requests, pillow, locust; no torch): demo, smoke, loadtest, AWS.
 VENV := .venv
 OPS_VENV := .venv-ops
 # PEM bundle that pip trusts inside image builds only (see containers/build-ca/README.md).
@@ -137,9 +137,12 @@ clean: ## remove model/ output/ checkpoints/ data/sample and the compose contain
 	rm -rf model output checkpoints data/sample
 
 # Extra flags for kennel-loadtest, e.g. LOADTEST_ARGS='--workers 1,2 --threads 1,2'
-# (sweep) or LOADTEST_ARGS='--url http://127.0.0.1:8080/invocations' (a running endpoint).
+# (sweep), LOADTEST_ARGS='--url http://127.0.0.1:8080/invocations' (a running endpoint),
+# LOADTEST_ARGS='--endpoint kennel --own-endpoint' (a SageMaker endpoint) or
+# LOADTEST_ARGS='--locustfile my_users.py' (Locust users of your own). Only the
+# compose service needs the image built.
 LOADTEST_ARGS ?=
-loadtest: ops-venv $(if $(findstring --url,$(LOADTEST_ARGS)),,image-serve) ## load-test serve on ./model: max requests/s, latency per step, auto-scaling target (LOADTEST_ARGS=...)
+loadtest: ops-venv $(if $(findstring --url,$(LOADTEST_ARGS))$(findstring --endpoint,$(LOADTEST_ARGS)),,image-serve) ## load-test serve on ./model (or --url/--endpoint) on Locust: max requests/s, latency per step, auto-scaling target (LOADTEST_ARGS=...)
 	KENNEL_SERVE_IMAGE=$(SERVE_IMAGE) $(OPS)/kennel-loadtest $(LOADTEST_ARGS)
 
 lambda-zip: ops-venv ## build/lambda.zip (LAMBDA_ZIP=...): the Lambda package, handler kennel_lambda.handler, same bytes every build

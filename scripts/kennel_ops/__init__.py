@@ -1,6 +1,6 @@
 """kennel's operator tooling: one command per job, each a module with main().
 
-    kennel-aws                push, role, train, tune, deploy, autoscale, lambda, teardown (aws/)
+    kennel-aws                push, role, train, tune, deploy, autoscale, dashboard, lambda, teardown (aws/)
     kennel-smoke              the serving container and the Lambda handler end to end on this host
     kennel-loadtest           max sustainable rate and the auto-scaling target of an endpoint (load/)
     kennel-local-runtime      the SageMaker runtime API on 127.0.0.1, forwarding to a container

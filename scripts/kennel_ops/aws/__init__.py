@@ -1,5 +1,5 @@
 """kennel on AWS: the operator commands (push, role, train, tune, deploy, autoscale,
-lambda, teardown) behind `kennel-aws` (or `python -m kennel_ops.aws`).
+dashboard, lambda, teardown) behind `kennel-aws` (or `python -m kennel_ops.aws`).
 
 Every command is idempotent (a second run changes nothing, or updates in place)
 and takes --dry-run, which prints the mutating API requests it would send as

@@ -12,15 +12,15 @@ from typing import NoReturn, Sequence
 from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
                                  NoRegionError, PartialCredentialsError, ProfileNotFound, WaiterError)
 
-from kennel_ops.aws import autoscale, deploy, function, push, role, teardown, train, tune
+from kennel_ops.aws import autoscale, dashboard, deploy, function, push, role, teardown, train, tune
 from kennel_ops.aws.context import CliError, DryRunViolation
 from kennel_ops.aws.names import valid_name
 
-COMMANDS = (push, role, train, tune, deploy, autoscale, function, teardown)
+COMMANDS = (push, role, train, tune, deploy, autoscale, dashboard, function, teardown)
 
 DESCRIPTION = """\
 Operate kennel on AWS. A typical path:
-  push -> role -> train (or tune) -> deploy -> autoscale -> lambda -> teardown
+  push -> role -> train (or tune) -> deploy -> autoscale -> dashboard -> lambda -> teardown
 Every command is idempotent and takes --dry-run (print the API requests that
 would change something, as JSON on stdout, and send none of them)."""
 

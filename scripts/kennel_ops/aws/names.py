@@ -73,6 +73,10 @@ class Names:
         return f"{self.base}-invocations-per-instance"
 
     @property
+    def dashboard(self) -> str:
+        return f"{self.base}-endpoint"
+
+    @property
     def function(self) -> str:
         return f"{self.base}-classify"
 

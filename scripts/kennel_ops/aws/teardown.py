@@ -1,6 +1,6 @@
 """Delete what the other commands created for deployment NAME, in dependency order:
 
-  auto-scaling policy and scalable target; the Lambda function's provisioned
+  auto-scaling policy and scalable target; the dashboard NAME-endpoint; the Lambda function's provisioned
   concurrency, alias `live` and function (all its versions); its role NAME-lambda
   and inline policies; the endpoint NAME (waiting until it is gone); this
   deployment's endpoint configs and models (name NAME-<digest> and tag
@@ -65,6 +65,9 @@ def plan(aws: Aws, names: Names, args: argparse.Namespace) -> tuple[list[Step], 
                          **scaling_keys))
     add("scalable target", names.scaling_resource_id, autoscale.scalable_target(aws, names) is not None,
         lambda: aws.send("application-autoscaling", "deregister_scalable_target", **scaling_keys))
+    add("dashboard", names.dashboard,
+        describe_or_none(aws.client("cloudwatch").get_dashboard, DashboardName=names.dashboard) is not None,
+        lambda: aws.send("cloudwatch", "delete_dashboards", DashboardNames=[names.dashboard]))
 
     lam = aws.client("lambda")
     function = describe_or_none(lam.get_function, FunctionName=names.function)

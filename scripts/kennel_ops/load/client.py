@@ -1,4 +1,7 @@
-"""Bounded HTTP load generators for one endpoint.
+"""Small bounded HTTP clients for one endpoint: the resilience tests' and the
+benchmarks' instrument (kennel-loadtest runs on Locust: users.py, locust_steps.py).
+They need what a Locust ramp does not give: an open loop that charges a request the
+wait from its scheduled time, and per-request start times around a fault.
 
 Two shapes of load, both bounded by a request count AND a duration, both ending
 by themselves (a request in flight at the deadline gets at most its timeout):

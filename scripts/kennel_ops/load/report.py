@@ -28,6 +28,7 @@ class ConfigurationResult:
     target_p99_s: float
     notes: list[str] = field(default_factory=list)
     layout: dict[str, int] | None = None  # what the server chose: {"workers": 2, "threads": 1, "solo_threads": 2}
+    cloudwatch: dict[str, Any] | None = None  # a SageMaker endpoint's own metrics for the run (endpoint_metrics)
 
     @property
     def label(self) -> str:
@@ -67,7 +68,7 @@ class ConfigurationResult:
                 # hide (the rate falls with the CPU share, this does not), for sizing other machines.
                 "requests_per_cpu_second_at_max": (best.throughput / (best.cpu_percent / 100)
                                                    if best and best.cpu_percent else None),
-                "steps": [s.to_json() for s in self.steps], "notes": self.notes}
+                "steps": [s.to_json() for s in self.steps], "notes": self.notes, "cloudwatch": self.cloudwatch}
 
 
 def build_report(results: list[ConfigurationResult], *, url: str, target_p99_s: float, safety_factor: float,

@@ -21,8 +21,6 @@ from kennel_ops.load.client import Target, wait_until_healthy
 from kennel_ops.ports import free_port
 
 SERVICE = "serve"
-WORKERS_VARIABLE = "SAGEMAKER_MODEL_SERVER_WORKERS"
-THREADS_VARIABLE = "KENNEL_ORT_THREADS"  # ONNX Runtime intra-op threads per worker (containers/serve)
 MODEL_DIR_VARIABLE = "KENNEL_MODEL_DIR"  # compose.yaml mounts it at /opt/ml/model
 # kennel_serve.mms_toolkit.supervisor logs "ready: http://0.0.0.0:8080, 2 worker(s) x 1 engine thread(s) (2 for a request alone), ..."
 READY_LINE = re.compile(r"ready: \S+ (?P<workers>\d+) worker\(s\) x (?P<threads>\d+) engine thread\(s\)"
