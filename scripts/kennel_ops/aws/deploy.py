@@ -50,7 +50,7 @@ SERVERLESS_MEMORY_MB = range(1024, 6145, 1024)
 # the size whose parsing stays inside the per-request memory budget (docs/benchmarks.md,
 # "Async request bodies"), as many images as such a body holds, and MMS's timeout raised to
 # InvokeEndpointAsync's default InvocationTimeoutSeconds, so a long jsonlines file is not cut off.
-ASYNC_ENV = {"SAGEMAKER_MAX_PAYLOAD_IN_MB": "32", "KENNEL_MAX_IMAGES": "512",
+ASYNC_ENV = {"SAGEMAKER_MAX_PAYLOAD_IN_MB": "20", "KENNEL_MAX_IMAGES": "128",
              "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "900"}
 
 
