@@ -66,7 +66,7 @@ def test_deploy_serverless_defaults_and_dry_run(cli, moto, aws, trained, planned
     plan = planned(out)
     assert [r["operation"] for r in plan] == ["CreateRole", "PutRolePolicy", "CreateModel", "CreateEndpointConfig",
                                               "CreateEndpoint"]
-    assert plan[3]["params"]["ProductionVariants"][0]["ServerlessConfig"] == {"MemorySizeInMB": 3072,
+    assert plan[3]["params"]["ProductionVariants"][0]["ServerlessConfig"] == {"MemorySizeInMB": 2048,
                                                                               "MaxConcurrency": 5}
     assert aws("sagemaker").list_endpoints()["Endpoints"] == []
 

@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kinds.add_argument("--async", dest="asynchronous", action="store_true",
                        help="an asynchronous endpoint (requests and answers in S3 under --output)")
     kind.add_argument("--memory-size", type=memory_mb, metavar="MB",
-                      help="serverless: 1024-6144 in steps of 1024 (default 3072, docs/benchmarks.md)")
+                      help="serverless: 1024-6144 in steps of 1024 (default 2048, docs/benchmarks.md)")
     kind.add_argument("--max-concurrency", type=bounded(1, 200), metavar="N",
                       help="serverless: concurrent invocations, 1-200 (default 5)")
     kind.add_argument("--provisioned-concurrency", type=bounded(1, 200), metavar="N",
@@ -194,7 +194,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         needs = "" if kind != REAL_TIME else " (they need --serverless or --async)"
         raise CliError(f"{', '.join(sorted(refused))} cannot go with {what}{needs}")
     if kind == SERVERLESS:
-        args.memory_size = args.memory_size or 3072
+        # The smallest size that holds a request at the full per-request budget with room to spare
+        # (docs/benchmarks.md, "Serverless memory sizes").
+        args.memory_size = args.memory_size or 2048
         args.max_concurrency = args.max_concurrency or 5
         if args.provisioned_concurrency and args.provisioned_concurrency > args.max_concurrency:
             raise CliError(f"--provisioned-concurrency {args.provisioned_concurrency} is more than "
