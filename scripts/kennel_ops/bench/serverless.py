@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kennel-bench-serverless", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default=os.environ.get("KENNEL_SERVE_IMAGE", "kennel-serve:latest"))
     parser.add_argument("--model-dir", type=Path, help="a kennel model dir (default: a random ResNet-50, 133 classes)")
-    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES_GB)), help="GB, comma-separated (%(default)s)")
+    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES_GB)),
+                        help="GB, comma-separated (%(default)s)")
     parser.add_argument("--requests", type=int, default=200, help="requests after the cold start (%(default)s)")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds to the first answer (%(default)s)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
