@@ -150,6 +150,11 @@ def stub_update(stubbers, *, scaled: bool, rolled_back: bool = False, current_ty
     stub = stubbers["sagemaker"]
     stub.add_response("describe_endpoint", endpoint_description("kennel-0000000000", "InService"),
                       {"EndpointName": "kennel"})
+    current_config = {"EndpointConfigName": "kennel-0000000000", "EndpointConfigArn": "arn:aws:sagemaker:::x",
+                      "CreationTime": 0, "ProductionVariants": [{"VariantName": "AllTraffic",
+                                                                 "InstanceType": current_type}]}
+    # deploy first checks the endpoint stays real-time (SageMaker cannot change its kind in place)
+    stub.add_response("describe_endpoint_config", current_config, {"EndpointConfigName": "kennel-0000000000"})
     not_found(stub, "describe_model", "model")
     stub.add_response("create_model", {"ModelArn": f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:model/{model}"},
                       {"ModelName": model, **MODEL_CONTENT, "Tags": TAGS})
@@ -162,10 +167,7 @@ def stub_update(stubbers, *, scaled: bool, rolled_back: bool = False, current_ty
         "describe_scalable_targets", {"ScalableTargets": targets if scaled else []},
         {"ServiceNamespace": "sagemaker", "ResourceIds": [RESOURCE_ID], "ScalableDimension": DIMENSION})
     if scaled:
-        stub.add_response("describe_endpoint_config", {
-            "EndpointConfigName": "kennel-0000000000", "EndpointConfigArn": "arn:aws:sagemaker:::x", "CreationTime": 0,
-            "ProductionVariants": [{"VariantName": "AllTraffic", "InstanceType": current_type}]},
-            {"EndpointConfigName": "kennel-0000000000"})
+        stub.add_response("describe_endpoint_config", current_config, {"EndpointConfigName": "kennel-0000000000"})
     if current_type == "ml.m5.large":
         stub.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:::endpoint/kennel"},
                           {"EndpointName": "kennel", "EndpointConfigName": config,

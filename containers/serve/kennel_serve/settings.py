@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -23,6 +24,8 @@ from kennel_serve.precision import INT8_MIN_SPEEDUP, PRECISIONS
 
 MIB = 1024 * 1024
 BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
+# The CreateTransformJob API's spelling of each, which the SDK's local mode insists on.
+API_BATCH_STRATEGIES = {"MULTI_RECORD": "MultiRecord", "SINGLE_RECORD": "SingleRecord"}
 # Decoding time grows with pixels: 200 megapixels in all is five 40-megapixel photos,
 # or 32 phone pictures of 6 megapixels.
 DEFAULT_MAX_REQUEST_PIXELS = 200_000_000
@@ -228,10 +231,21 @@ class ServeSettings:
             ),
         )
 
-    def execution_parameters(self) -> str:
-        """The JSON answer to GET /execution-parameters (SageMaker batch transform)."""
+    def execution_parameters(self, env: Mapping[str, str] | None = None) -> str:
+        """The JSON answer to GET /execution-parameters (SageMaker batch transform).
+
+        The service documents, and AWS's own containers answer, the environment's spelling
+        (MULTI_RECORD). The SageMaker Python SDK's local mode copies BatchStrategy as given into
+        its transform job and accepts only the API's spelling (MultiRecord: sagemaker/local/data.py
+        get_batch_strategy_instance). Local mode is recognised by how it sets SAGEMAKER_BATCH: the
+        literal "True" (sagemaker/local/entities.py _LocalTransformJob._get_container_environment),
+        where the service sets "true"; that container gets the API's spelling.
+        env: the container's environment (default: this process's, as the launcher read it).
+        """
+        batch_text = _Reader(os.environ if env is None else env).text("SAGEMAKER_BATCH", "")
+        strategy = API_BATCH_STRATEGIES[self.batch_strategy] if batch_text == "True" else self.batch_strategy
         return json.dumps({"MaxConcurrentTransforms": self.max_concurrent_transforms,
-                           "BatchStrategy": self.batch_strategy,
+                           "BatchStrategy": strategy,
                            "MaxPayloadInMB": self.max_payload_bytes // MIB})
 
 

@@ -6,6 +6,10 @@ original system's: min 1, max 4 instances, target 250 invocations per instance
 per minute, scale-in and scale-out cooldown 300 s. --from-report takes the
 target from a load-test report (its recommended_invocations_per_instance).
 Nothing is sent when target and policy already match; --remove deletes both.
+
+An asynchronous endpoint (deploy --async) scales on its queue instead, from min 0
+(see kennel_ops.aws.backlog_scaling): --target is then the backlog per instance
+(default 5). A serverless endpoint scales by itself (deploy --max-concurrency).
 """
 from __future__ import annotations
 
@@ -14,11 +18,13 @@ import json
 import math
 from pathlib import Path
 
+from kennel_ops.aws import backlog_scaling
 from kennel_ops.aws.context import Aws, CliError, describe_or_none
+from kennel_ops.aws.deploy import ASYNC, SERVERLESS, config_kind
 from kennel_ops.aws.names import Names
 
 COMMAND = "autoscale"
-HELP = "target-tracking auto-scaling of the endpoint (min 1, max 4, 250 invocations/instance/min)"
+HELP = "auto-scaling of the endpoint (real-time: 250 invocations/instance/min; async: backlog, from zero)"
 NAMESPACE = "sagemaker"
 DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 METRIC = "SageMakerVariantInvocationsPerInstance"
@@ -26,10 +32,11 @@ REPORT_FIELD = "recommended_invocations_per_instance"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--min", type=int, default=1, dest="min_capacity", help="fewest instances (%(default)s)")
+    parser.add_argument("--min", type=int, dest="min_capacity", help="fewest instances (default 1; async: 0)")
     parser.add_argument("--max", type=int, default=4, dest="max_capacity", help="most instances (%(default)s)")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--target", type=float, help="invocations per instance per minute to hold (default 250)")
+    target.add_argument("--target", type=float, help="invocations per instance per minute to hold (default 250); "
+                        "async: queued requests per instance (default 5)")
     target.add_argument("--from-report", type=Path, metavar="FILE",
                         help=f"take the target from a load-test report JSON ({REPORT_FIELD})")
     parser.add_argument("--scale-in-cooldown", type=int, default=300, metavar="SECONDS", help="(%(default)s)")
@@ -64,14 +71,12 @@ def scalable_target(aws: Aws, names: Names) -> dict | None:
 
 
 def scaling_policy(aws: Aws, names: Names) -> dict | None:
-    response = aws.client("application-autoscaling").describe_scaling_policies(
-        PolicyNames=[names.scaling_policy], ServiceNamespace=NAMESPACE, ResourceId=names.scaling_resource_id,
-        ScalableDimension=DIMENSION)
-    return response["ScalingPolicies"][0] if response["ScalingPolicies"] else None
+    return backlog_scaling.named_policy(aws, names, names.scaling_policy)
 
 
 def remove(aws: Aws, names: Names) -> None:
     keys = {"ServiceNamespace": NAMESPACE, "ResourceId": names.scaling_resource_id, "ScalableDimension": DIMENSION}
+    backlog_scaling.remove_backlog_policies(aws, names)
     if scaling_policy(aws, names):
         aws.send("application-autoscaling", "delete_scaling_policy", PolicyName=names.scaling_policy, **keys)
         aws.changed(f"scaling policy {names.scaling_policy}: deleted")
@@ -86,18 +91,32 @@ def run(args: argparse.Namespace) -> None:
     if args.remove:
         remove(aws, names)
         return
-    if not 1 <= args.min_capacity <= args.max_capacity:
-        raise CliError(f"need 1 <= --min ({args.min_capacity}) <= --max ({args.max_capacity})")
     if args.scale_in_cooldown < 0 or args.scale_out_cooldown < 0:
         raise CliError("cooldowns are seconds, at least 0")
-    target = target_from_report(args.from_report) if args.from_report else (args.target or 250.0)
-    if target <= 0:
-        raise CliError(f"--target must be positive, got {target:g}")
     endpoint = describe_or_none(aws.client("sagemaker").describe_endpoint, EndpointName=names.endpoint)
     if endpoint is None:
         raise CliError(f"no endpoint {names.endpoint}: run `kennel-aws deploy` first")
     if endpoint["EndpointStatus"] != "InService":
         raise CliError(f"endpoint {names.endpoint} is {endpoint['EndpointStatus']}: auto-scaling needs it InService")
+    kind = config_kind(aws.client("sagemaker").describe_endpoint_config(
+        EndpointConfigName=endpoint["EndpointConfigName"]))
+    if kind == SERVERLESS:
+        raise CliError(f"endpoint {names.endpoint} is serverless: SageMaker scales it by itself up to its "
+                       "--max-concurrency (set with `kennel-aws deploy --serverless`)")
+    asynchronous = kind == ASYNC
+    if asynchronous and args.from_report:
+        raise CliError("--from-report gives invocations per instance; an async endpoint scales on its backlog: "
+                       "pass --target")
+    lowest = 0 if asynchronous else 1
+    args.min_capacity = lowest if args.min_capacity is None else args.min_capacity
+    if not lowest <= args.min_capacity <= args.max_capacity:
+        raise CliError(f"need {lowest} <= --min ({args.min_capacity}) <= --max ({args.max_capacity})")
+    if args.max_capacity < 1:
+        raise CliError("--max must be at least 1: an endpoint with no instance to go to answers nothing")
+    default_target = backlog_scaling.DEFAULT_BACKLOG_TARGET if asynchronous else 250.0
+    target = target_from_report(args.from_report) if args.from_report else (args.target or default_target)
+    if target <= 0:
+        raise CliError(f"--target must be positive, got {target:g}")
 
     keys = {"ServiceNamespace": NAMESPACE, "ResourceId": names.scaling_resource_id, "ScalableDimension": DIMENSION}
     current = scalable_target(aws, names)
@@ -112,6 +131,12 @@ def run(args: argparse.Namespace) -> None:
     else:
         aws.console.note(f"scalable target {names.scaling_resource_id}: unchanged")
 
+    if asynchronous:
+        backlog_scaling.ensure_backlog_policies(aws, names, target=target, scale_in_cooldown=args.scale_in_cooldown,
+                                                scale_out_cooldown=args.scale_out_cooldown)
+        aws.console.result(f"autoscale {names.scaling_resource_id} min {args.min_capacity} max {args.max_capacity} "
+                           f"target {target:g} {backlog_scaling.BACKLOG_METRIC}")
+        return
     wanted = policy_configuration(target, args.scale_in_cooldown, args.scale_out_cooldown)
     policy = scaling_policy(aws, names)
     if policy and same_configuration(policy.get("TargetTrackingScalingPolicyConfiguration", {}), wanted):

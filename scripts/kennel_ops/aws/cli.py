@@ -12,15 +12,17 @@ from typing import NoReturn, Sequence
 from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
                                  NoRegionError, PartialCredentialsError, ProfileNotFound, WaiterError)
 
-from kennel_ops.aws import autoscale, dashboard, deploy, function, push, role, teardown, train, tune
+from kennel_ops.aws import autoscale, dashboard, deploy, function, invoke_async, push, role, teardown, train, tune
 from kennel_ops.aws.context import CliError, DryRunViolation
 from kennel_ops.aws.names import valid_name
 
-COMMANDS = (push, role, train, tune, deploy, autoscale, dashboard, function, teardown)
+COMMANDS = (push, role, train, tune, deploy, autoscale, dashboard, function, invoke_async, teardown)
 
 DESCRIPTION = """\
 Operate kennel on AWS. A typical path:
   push -> role -> train (or tune) -> deploy -> autoscale -> dashboard -> lambda -> teardown
+(deploy --serverless or --async for the other hosting kinds; invoke-async calls an
+async endpoint)
 Every command is idempotent and takes --dry-run (print the API requests that
 would change something, as JSON on stdout, and send none of them)."""
 

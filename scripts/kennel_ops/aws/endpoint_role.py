@@ -9,7 +9,10 @@ runs with a role that cannot plant code for the next deploy:
   - pull from the serving image's ECR repository (NAME-serve by default);
   - write CloudWatch logs under /aws/sagemaker/Endpoints/ and metrics in the
     /aws/sagemaker/Endpoints namespace;
-  - in a VPC (--subnets), the network-interface calls an endpoint there needs.
+  - in a VPC (--subnets), the network-interface calls an endpoint there needs;
+  - for an asynchronous endpoint (deploy --async), s3:GetObject on its inputs/
+    folder, s3:PutObject on its outputs/ and failures/ folders and sns:Publish
+    on its success and error topics (see kennel_ops.aws.async_layout).
 
 deploy keeps the readable artifacts (and repositories) to the ones it
 deploys, plus, while an update rolls out, the ones still serving: instances
@@ -23,6 +26,7 @@ import re
 
 from botocore.exceptions import ClientError
 
+from kennel_ops.aws.async_layout import IAM_PATTERN_MARKS, async_policy_statements
 from kennel_ops.aws.context import Aws, CliError, describe_or_none
 from kennel_ops.aws.iam import ensure_role
 from kennel_ops.aws.names import Names
@@ -31,8 +35,6 @@ from kennel_ops.aws.s3 import parse_s3_uri
 
 POLICY_NAME = "kennel-endpoint-execution"
 METRICS_NAMESPACE = "/aws/sagemaker/Endpoints"
-# Characters IAM reads as wildcards or policy variables in a resource ARN.
-IAM_PATTERN_MARKS = ("*", "?", "${")
 ECR_IMAGE = re.compile(r"^(?P<account>\d{12})\.dkr\.ecr(?:-fips)?\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?"
                        r"/(?P<repository>[a-z0-9][a-z0-9._/-]*)(?::[\w.-]+)?(?:@sha256:[0-9a-f]{64})?$")
 
@@ -61,8 +63,9 @@ def repository_arn(aws: Aws, image: str) -> str:
             f"repository/{match['repository']}")
 
 
-def endpoint_policy(aws: Aws, *, containers: list[dict], vpc: bool) -> dict:
-    """containers: {"Image", "ModelDataUrl"} of the models that run with the role."""
+def endpoint_policy(aws: Aws, *, containers: list[dict], vpc: bool, async_configs: list[dict] = ()) -> dict:
+    """containers: {"Image", "ModelDataUrl"} of the models that run with the role;
+    async_configs: the AsyncInferenceConfig of the endpoint configs they serve in, if asynchronous."""
     log_group = aws.arn("logs", "log-group:/aws/sagemaker/Endpoints/*")
     statements = [
         {"Sid": "ReadTheModel", "Effect": "Allow", "Action": "s3:GetObject",
@@ -79,13 +82,16 @@ def endpoint_policy(aws: Aws, *, containers: list[dict], vpc: bool) -> dict:
     ]
     if vpc:
         statements.append({"Sid": "RunInTheVpc", "Effect": "Allow", "Action": VPC_ACTIONS, "Resource": "*"})
+    statements += async_policy_statements(aws, list(async_configs))
     return {"Version": "2012-10-17", "Statement": statements}
 
 
-def ensure_endpoint_role(aws: Aws, names: Names, *, containers: list[dict], vpc: bool) -> str:
-    """Create NAME-endpoint, or set its policy to exactly these containers' artifacts and images; returns its ARN."""
+def ensure_endpoint_role(aws: Aws, names: Names, *, containers: list[dict], vpc: bool,
+                         async_configs: list[dict] = ()) -> str:
+    """Create NAME-endpoint, or set its policy to exactly these containers' artifacts and images
+    (and these async configs' S3 folders and topics); returns its ARN."""
     arn, _ = ensure_role(aws, role_name=names.endpoint_role, trust=trust_policy(aws), policy_name=POLICY_NAME,
-                         policy=endpoint_policy(aws, containers=containers, vpc=vpc),
+                         policy=endpoint_policy(aws, containers=containers, vpc=vpc, async_configs=async_configs),
                          description=f"kennel {names.base}: execution role of endpoint {names.endpoint}")
     return arn
 
@@ -112,6 +118,19 @@ def serving_containers(aws: Aws, endpoint: dict | None, role_arn: str) -> list[d
                     found[(container["Image"], container["ModelDataUrl"])] = {
                         "Image": container["Image"], "ModelDataUrl": container["ModelDataUrl"]}
     return [found[key] for key in sorted(found)]
+
+
+def serving_async_configs(aws: Aws, endpoint: dict | None) -> list[dict]:
+    """The AsyncInferenceConfig of the endpoint's current (and pending) config, while it serves asynchronously."""
+    if endpoint is None:
+        return []
+    pending = (endpoint.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
+    found = []
+    for config_name in sorted({endpoint["EndpointConfigName"], pending} - {None}):
+        config = describe_or_none(aws.client("sagemaker").describe_endpoint_config, EndpointConfigName=config_name)
+        if config and config.get("AsyncInferenceConfig"):
+            found.append(config["AsyncInferenceConfig"])
+    return found
 
 
 def role_not_ready(error: ClientError) -> bool:

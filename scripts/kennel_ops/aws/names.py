@@ -77,6 +77,21 @@ class Names:
         return f"{self.base}-endpoint"
 
     @property
+    def backlog_policy(self) -> str:
+        """Async endpoints: target tracking on ApproximateBacklogSizePerInstance."""
+        return f"{self.base}-backlog-per-instance"
+
+    @property
+    def wake_policy(self) -> str:
+        """Async endpoints: the step from zero instances to one when requests wait."""
+        return f"{self.base}-scale-from-zero"
+
+    @property
+    def wake_alarm(self) -> str:
+        """The CloudWatch alarm on HasBacklogWithoutCapacity that runs wake_policy."""
+        return f"{self.base}-has-backlog-without-capacity"
+
+    @property
     def function(self) -> str:
         return f"{self.base}-classify"
 

@@ -1,6 +1,7 @@
 """Delete what the other commands created for deployment NAME, in dependency order:
 
-  auto-scaling policy and scalable target; the dashboard NAME-endpoint; the Lambda function's provisioned
+  auto-scaling policies (an async endpoint's too, and its CloudWatch alarm) and
+  scalable target; the dashboard NAME-endpoint; the Lambda function's provisioned
   concurrency, alias `live` and function (all its versions); its role NAME-lambda
   and inline policies; the endpoint NAME (waiting until it is gone); this
   deployment's endpoint configs and models (name NAME-<digest> and tag
@@ -25,7 +26,7 @@ from typing import Callable
 
 from botocore.exceptions import ClientError
 
-from kennel_ops.aws import autoscale
+from kennel_ops.aws import autoscale, backlog_scaling
 from kennel_ops.aws.context import DEPLOYMENT_TAG, Aws, CliError, describe_or_none, is_not_found
 from kennel_ops.aws.names import ALIAS, Names
 from kennel_ops.aws.waiting import Poll, wait_for
@@ -60,6 +61,12 @@ def plan(aws: Aws, names: Names, args: argparse.Namespace) -> tuple[list[Step], 
 
     scaling_keys = {"ServiceNamespace": autoscale.NAMESPACE, "ResourceId": names.scaling_resource_id,
                     "ScalableDimension": autoscale.DIMENSION}
+    add("alarm", names.wake_alarm, backlog_scaling.wake_alarm(aws, names) is not None,
+        lambda: aws.send("cloudwatch", "delete_alarms", AlarmNames=[names.wake_alarm]))
+    for policy_name in (names.wake_policy, names.backlog_policy):
+        add("scaling policy", policy_name, backlog_scaling.named_policy(aws, names, policy_name) is not None,
+            lambda policy_name=policy_name: aws.send("application-autoscaling", "delete_scaling_policy",
+                                                     PolicyName=policy_name, **scaling_keys))
     add("scaling policy", names.scaling_policy, autoscale.scaling_policy(aws, names) is not None,
         lambda: aws.send("application-autoscaling", "delete_scaling_policy", PolicyName=names.scaling_policy,
                          **scaling_keys))
@@ -218,7 +225,8 @@ def run(args: argparse.Namespace) -> None:
 def report_left(aws: Aws, names: Names, args: argparse.Namespace) -> None:
     left = [f"CloudWatch log groups /aws/lambda/{names.function} and /aws/sagemaker/Endpoints/{names.endpoint}",
             f"training and tuning jobs {names.base}-* (records only, no cost)",
-            "S3 data and outputs (models/, checkpoints/, tensorboard/ under the --output prefix)"]
+            "S3 data and outputs (models/, checkpoints/, tensorboard/ under the --output prefix; "
+            "an async endpoint's inputs/, outputs/ and failures/)"]
     if not args.delete_images:
         left.append(f"ECR repositories {names.train_repository}, {names.serve_repository} (--delete-images)")
     if args.keep_roles:
