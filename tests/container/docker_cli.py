@@ -1,8 +1,10 @@
 """What the container tests share: running commands, and models the images can read (imported by conftest and the tests)."""
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,33 @@ def random_model(directory: Path, seed: int) -> Path:
         path.chmod(0o644)
     directory.chmod(0o755)
     return directory
+
+
+# Run inside a serving container: MMS's Python model workers, i.e. the processes running
+# model_service_worker.py that were forked by another one (MMS starts one such parent,
+# which forks a worker per backend connection), with their resident and peak memory.
+_WORKERS_SCRIPT = textwrap.dedent("""
+    import json, os
+    def is_worker(pid):
+        try:
+            return any(a.endswith(b"model_service_worker.py")
+                       for a in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0"))
+        except OSError:
+            return False
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
+            if is_worker(pid) and is_worker(parent):
+                fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+                found[pid] = [int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])]
+        except OSError:
+            continue
+    print(json.dumps(found))
+""")
+
+
+def model_workers(container: str) -> dict[int, tuple[int, int]]:
+    """{pid: (VmRSS KiB, VmHWM KiB)} of the serving container's model workers."""
+    result = run(["docker", "exec", container, "python", "-c", _WORKERS_SCRIPT], timeout=60)
+    return {int(pid): tuple(values) for pid, values in json.loads(result.stdout).items()}

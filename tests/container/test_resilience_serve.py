@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from docker_cli import random_model, run
+from docker_cli import model_workers, random_model, run
 from kennel_ops.load import hostile
 from kennel_ops.load.client import Connection, Target, run_closed_loop, run_open_loop, wait_until_healthy, warm_up
 from kennel_ops.load.docker_stats import ContainerSampler
@@ -118,27 +118,8 @@ class ServeContainer:
         return result.stdout + result.stderr
 
     def worker_pids(self) -> set[int]:
-        """PIDs (in the container) of MMS's Python model workers: the processes that run
-        model_service_worker.py and were forked by another one (MMS starts one such parent,
-        which forks a worker per backend connection)."""
-        script = textwrap.dedent("""
-            import os
-            def is_worker(pid):
-                try:
-                    return any(a.endswith(b"model_service_worker.py")
-                               for a in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0"))
-                except OSError:
-                    return False
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    parent = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
-                except OSError:
-                    continue
-                if is_worker(pid) and is_worker(parent):
-                    print(pid)
-        """)
-        result = run(["docker", "exec", self.name, "python", "-c", script], timeout=60)
-        return {int(p) for p in result.stdout.split()}
+        """PIDs (in the container) of MMS's Python model workers."""
+        return set(model_workers(self.name))
 
     def kill_worker(self, pid: int) -> None:
         run(["docker", "exec", self.name, "python", "-c", f"import os, signal; os.kill({pid}, signal.SIGKILL)"],

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from docker_cli import random_model, run
+from docker_cli import model_workers, random_model, run
 from kennel_ops.load import bombs
 from kennel_ops.load.payloads import dog_photos
 
@@ -142,27 +142,7 @@ class Container:
         return run(args, timeout=60).stdout
 
     def worker_memory(self) -> dict[int, tuple[int, int]]:
-        """{pid: (VmRSS KiB, VmHWM KiB)} of MMS's Python model workers (forked by another such process)."""
-        script = textwrap.dedent("""
-            import json, os
-            def is_worker(pid):
-                try:
-                    return any(a.endswith(b"model_service_worker.py")
-                               for a in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0"))
-                except OSError:
-                    return False
-            found = {}
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    parent = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
-                    if is_worker(pid) and is_worker(parent):
-                        fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
-                        found[pid] = [int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])]
-                except OSError:
-                    continue
-            print(json.dumps(found))
-        """)
-        return {int(pid): tuple(values) for pid, values in json.loads(self.python(script)).items()}
+        return model_workers(self.name)
 
     def reset_peaks(self, pids) -> None:
         self.python(f"for pid in {sorted(pids)}: open(f'/proc/{{pid}}/clear_refs', 'w').write('5')")

@@ -13,7 +13,6 @@ load-test command imports it.
 """
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any, Iterator
 import gevent
 from locust import FastHttpUser, User, constant, task
 
-from kennel_ops.load.client import transport_error
+from kennel_ops.load.client import expect_json_200, transport_error
 
 # InvokeEndpoint refuses a request body over 6 MB (SageMaker real-time endpoints' quota).
 RUNTIME_PAYLOAD_LIMIT = 6 * 1024 * 1024
@@ -31,17 +30,6 @@ IDLE_S = 0.05  # how long a user waits before asking again once its step has end
 
 class AnswerError(Exception):
     """An answer that came back but does not count as a success (its message is the error's name)."""
-
-
-def answer_problem(status: int, body: bytes) -> str | None:
-    """The success check of every built-in user: HTTP 200 with a JSON body."""
-    if status != 200:
-        return f"http {status}"
-    try:
-        json.loads(body)
-    except ValueError:
-        return "200 with a body that is not JSON"
-    return None
 
 
 @dataclass
@@ -114,7 +102,7 @@ class KennelHttpUser(FastHttpUser):
                     # geventhttpclient wraps the socket's error (a timeout, a refusal) in RetriesExceeded
                     response.failure(transport_error(getattr(failed, "original", None) or failed))
                 else:
-                    problem = answer_problem(response.status_code, response.content or b"")
+                    problem = expect_json_200(response.status_code, response.content or b"")
                     if problem:
                         response.failure(problem)
                     else:
@@ -159,7 +147,7 @@ class SageMakerRuntimeUser(User):
                                                            Accept=self.plan.accept)
                 data = answer["Body"].read()
                 length = len(data)
-                problem = answer_problem(200, data)
+                problem = expect_json_200(200, data)
                 error = AnswerError(problem) if problem else None
             except (ClientError, BotoCoreError, OSError) as exc:
                 error = AnswerError(runtime_error(exc))
