@@ -172,14 +172,25 @@ class ComposeProject:
 
     def down(self) -> None:
         """Remove the project; again while anything of it is left (the engine may still be
-        finishing a create that an interrupted `up` asked for), for 30 s at most."""
+        finishing a create that an interrupted `up` asked for), for 120 s at most: on a busy
+        host one `down` alone (a 10 s stop, then the removals) can take most of a minute."""
         if not self.started:
             return
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while True:
             subprocess.run(self.command("down", "--volumes", "--remove-orphans", "--timeout", "10"), env=self.env,
                            capture_output=True, timeout=300)
-            if not self.leftovers() or time.monotonic() > deadline:
+            left = self.leftovers()
+            if not left:
+                # A create that an interrupted `up` asked for can land after `down` looked:
+                # done only when nothing has appeared a few seconds later either.
+                time.sleep(3)
+                left = self.leftovers()
+                if not left:
+                    return
+            if time.monotonic() > deadline:
+                say(f"could not remove {len(left)} container(s)/network(s) of compose project {self.name}; "
+                    f"remove them with: docker compose --project-name {self.name} down")
                 return
             time.sleep(1)
 
@@ -343,6 +354,9 @@ def run(args: argparse.Namespace) -> None:
         scores, top = classify_directly(address, image, args.top_k, num_classes)
         call_lambda(address, image, scores, top, args.top_k)
     finally:
+        # A SIGTERM or Ctrl-C during the teardown must not cut it short and leave containers.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             project.down()
         except (OSError, subprocess.SubprocessError) as exc:

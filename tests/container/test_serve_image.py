@@ -19,6 +19,7 @@ import pytest
 import serve_support as support
 from docker_cli import COMPOSE_FILE, REPO, run
 from kennel_ops.aws.images import git_commit
+from kennel_ops.ports import free_mms_port
 
 pytestmark = pytest.mark.container
 
@@ -49,7 +50,7 @@ class Container:
     def __init__(self, image: str, model: Path | None, env: dict[str, str] | None = None, port_in: int = 8080,
                  extra: list[str] | None = None):
         self.name = f"kennel-serve-test-{uuid.uuid4().hex[:8]}"
-        self.port = support.free_port()
+        self.port = free_mms_port()
         args = ["docker", "run", "-d", "--name", self.name, "-p", f"127.0.0.1:{self.port}:{port_in}"]
         if model is not None:
             args += ["-v", f"{model}:/opt/ml/model:ro"]
@@ -118,7 +119,7 @@ def test_compose_up_serve_answers_on_loopback(serve_image, model_dir, tmp_path):
     from kennel_artifact import decode_image
     from kennel_serve.engine import KennelModel
 
-    port = support.free_port()
+    port = free_mms_port()
     env = {"KENNEL_SERVE_IMAGE": serve_image, "KENNEL_MODEL_DIR": str(model_dir), "KENNEL_SERVE_PORT": str(port)}
     compose = ["docker", "compose", "--project-name", f"kennel-serve-test-{uuid.uuid4().hex[:8]}",
                "--project-directory", str(tmp_path), "--file", str(COMPOSE_FILE)]
