@@ -32,7 +32,7 @@ LAMBDA_ZIP ?= build/lambda.zip
 .PHONY: help setup setup-test venv ops-venv build-ca test test-host images image-train image-serve train train-distributed
 .PHONY: sample data demo clean lambda-zip smoke loadtest serve bench-serve bench-budget bench-train bench-int8 bench-overhead
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
 setup: ## the Docker engine, compose plugin and base image: installed and started where missing (seconds when ready)
 	bash scripts/setup-docker.sh
