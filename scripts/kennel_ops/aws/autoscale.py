@@ -25,8 +25,6 @@ from kennel_ops.aws.names import Names
 
 COMMAND = "autoscale"
 HELP = "auto-scaling of the endpoint (real-time: 250 invocations/instance/min; async: backlog, from zero)"
-NAMESPACE = "sagemaker"
-DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 METRIC = "SageMakerVariantInvocationsPerInstance"
 REPORT_FIELD = "recommended_invocations_per_instance"
 
@@ -66,7 +64,8 @@ def policy_configuration(target: float, scale_in_cooldown: int, scale_out_cooldo
 
 def scalable_target(aws: Aws, names: Names) -> dict | None:
     response = aws.client("application-autoscaling").describe_scalable_targets(
-        ServiceNamespace=NAMESPACE, ResourceIds=[names.scaling_resource_id], ScalableDimension=DIMENSION)
+        ServiceNamespace=backlog_scaling.NAMESPACE, ResourceIds=[names.scaling_resource_id],
+        ScalableDimension=backlog_scaling.DIMENSION)
     return response["ScalableTargets"][0] if response["ScalableTargets"] else None
 
 
@@ -75,7 +74,7 @@ def scaling_policy(aws: Aws, names: Names) -> dict | None:
 
 
 def remove(aws: Aws, names: Names) -> None:
-    keys = {"ServiceNamespace": NAMESPACE, "ResourceId": names.scaling_resource_id, "ScalableDimension": DIMENSION}
+    keys = backlog_scaling.scaling_keys(names)
     backlog_scaling.remove_backlog_policies(aws, names)
     if scaling_policy(aws, names):
         aws.send("application-autoscaling", "delete_scaling_policy", PolicyName=names.scaling_policy, **keys)
@@ -118,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
     if target <= 0:
         raise CliError(f"--target must be positive, got {target:g}")
 
-    keys = {"ServiceNamespace": NAMESPACE, "ResourceId": names.scaling_resource_id, "ScalableDimension": DIMENSION}
+    keys = backlog_scaling.scaling_keys(names)
     current = scalable_target(aws, names)
     if current is None:
         aws.send("application-autoscaling", "register_scalable_target", **keys, MinCapacity=args.min_capacity,
@@ -137,17 +136,7 @@ def run(args: argparse.Namespace) -> None:
         aws.console.result(f"autoscale {names.scaling_resource_id} min {args.min_capacity} max {args.max_capacity} "
                            f"target {target:g} {backlog_scaling.BACKLOG_METRIC}")
         return
-    wanted = policy_configuration(target, args.scale_in_cooldown, args.scale_out_cooldown)
-    policy = scaling_policy(aws, names)
-    if policy and same_configuration(policy.get("TargetTrackingScalingPolicyConfiguration", {}), wanted):
-        aws.console.note(f"scaling policy {names.scaling_policy}: unchanged")
-    else:
-        aws.send("application-autoscaling", "put_scaling_policy", PolicyName=names.scaling_policy, **keys,
-                 PolicyType="TargetTrackingScaling", TargetTrackingScalingPolicyConfiguration=wanted)
-        aws.changed(f"scaling policy {names.scaling_policy}: {'updated' if policy else 'created'}")
+    backlog_scaling.put_target_tracking(aws, names, names.scaling_policy,
+                                        policy_configuration(target, args.scale_in_cooldown, args.scale_out_cooldown))
     aws.console.result(f"autoscale {names.scaling_resource_id} min {args.min_capacity} max {args.max_capacity} "
                        f"target {target:g} {METRIC}")
-
-
-def same_configuration(current: dict, wanted: dict) -> bool:
-    return all(current.get(key, False if key == "DisableScaleIn" else None) == value for key, value in wanted.items())

@@ -66,18 +66,26 @@ def same(current: dict, wanted: dict) -> bool:
     return all(current.get(key) == value for key, value in wanted.items())
 
 
+def put_target_tracking(aws: Aws, names: Names, policy_name: str, wanted: dict) -> None:
+    """The variant's target-tracking policy `policy_name` as `wanted`, sent only when it differs
+    (DisableScaleIn absent reads as AWS's default, false)."""
+    policy = named_policy(aws, names, policy_name)
+    current = (policy or {}).get("TargetTrackingScalingPolicyConfiguration", {})
+    if policy and all(current.get(key, False if key == "DisableScaleIn" else None) == value
+                      for key, value in wanted.items()):
+        aws.console.note(f"scaling policy {policy_name}: unchanged")
+        return
+    aws.send("application-autoscaling", "put_scaling_policy", PolicyName=policy_name, **scaling_keys(names),
+             PolicyType="TargetTrackingScaling", TargetTrackingScalingPolicyConfiguration=wanted)
+    aws.changed(f"scaling policy {policy_name}: {'updated' if policy else 'created'}")
+
+
 def ensure_backlog_policies(aws: Aws, names: Names, *, target: float, scale_in_cooldown: int,
                             scale_out_cooldown: int) -> None:
     """The two policies and the alarm, each sent only when it differs from what exists."""
     keys = scaling_keys(names)
-    wanted = backlog_configuration(names, target, scale_in_cooldown, scale_out_cooldown)
-    policy = named_policy(aws, names, names.backlog_policy)
-    if policy and same(policy.get("TargetTrackingScalingPolicyConfiguration", {}), wanted):
-        aws.console.note(f"scaling policy {names.backlog_policy}: unchanged")
-    else:
-        aws.send("application-autoscaling", "put_scaling_policy", PolicyName=names.backlog_policy, **keys,
-                 PolicyType="TargetTrackingScaling", TargetTrackingScalingPolicyConfiguration=wanted)
-        aws.changed(f"scaling policy {names.backlog_policy}: {'updated' if policy else 'created'}")
+    put_target_tracking(aws, names, names.backlog_policy,
+                        backlog_configuration(names, target, scale_in_cooldown, scale_out_cooldown))
 
     wanted = wake_configuration(scale_out_cooldown)
     policy = named_policy(aws, names, names.wake_policy)

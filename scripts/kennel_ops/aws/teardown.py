@@ -59,8 +59,7 @@ def plan(aws: Aws, names: Names, args: argparse.Namespace) -> tuple[list[Step], 
     def add(kind: str, name: str, exists: bool, delete: Callable[[], None]) -> None:
         (steps.append(Step(kind, name, delete)) if exists else absent.append(f"{kind} {name}"))
 
-    scaling_keys = {"ServiceNamespace": autoscale.NAMESPACE, "ResourceId": names.scaling_resource_id,
-                    "ScalableDimension": autoscale.DIMENSION}
+    scaling_keys = backlog_scaling.scaling_keys(names)
     add("alarm", names.wake_alarm, backlog_scaling.wake_alarm(aws, names) is not None,
         lambda: aws.send("cloudwatch", "delete_alarms", AlarmNames=[names.wake_alarm]))
     for policy_name in (names.wake_policy, names.backlog_policy):
