@@ -10,6 +10,17 @@ A model directory (SageMaker's /opt/ml/model, packed as model.tar.gz) holds:
     model.int8.onnx  optional: model.onnx statically quantized to INT8 (same input
                   and output), present only when it passed the accuracy gate;
                   the manifest's ``int8`` record says why it is there or not
+    backbone.onnx model.onnx up to the pooled features: input "images" as above,
+                  output "features" float32 [N, F]; with head.onnx, present
+                  only for a model trained with its backbone frozen (the
+                  manifest's ``backbone`` record)
+    head.onnx     the rest: input "features" float32 [N, F], output "logits"
+                  float32 [N, len(class_names)]; backbone then head computes
+                  what model.onnx computes
+
+Models whose ``backbone`` records the same ``sha256`` share one backbone: a
+multi-model endpoint keeps one backbone.onnx resident and loads only each
+model's head.onnx (load_split).
 
 Serving needs neither torch nor torchvision: this module depends on the
 standard library, numpy and Pillow only, and both images import it.
@@ -39,8 +50,12 @@ MANIFEST_FILE = "kennel.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 WEIGHTS_FILE = "model.pth"
+BACKBONE_FILE = "backbone.onnx"
+HEAD_FILE = "head.onnx"
 ONNX_INPUT = "images"
 ONNX_OUTPUT = "logits"
+FEATURES = "features"  # backbone.onnx's output and head.onnx's input
+BACKBONE_KEYS = ("sha256", "features", "onnx_sha256", "head_onnx_sha256")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -201,6 +216,11 @@ class Manifest:
     # "calibration_images", "seconds", ...}; None for a model made before INT8 existed.
     int8: dict[str, Any] | None = None
     int8_sha256: str | None = None  # set only when INT8_FILE ships: serving uses no other
+    # The shared backbone, for a model trained with it frozen (else None): {"sha256": the
+    # identity (a hash of the backbone's weights and the input size: equal means one
+    # backbone.onnx serves both models), "features": F, "onnx_sha256": backbone.onnx's
+    # checksum, "head_onnx_sha256": head.onnx's}.
+    backbone: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -212,6 +232,19 @@ class Manifest:
         if self.format_version != FORMAT_VERSION:
             raise ArtifactError(f"artifact format {self.format_version} is not supported "
                                 f"(this image reads format {FORMAT_VERSION})")
+        if self.backbone is not None:
+            record = self.backbone
+            if not isinstance(record, dict) or sorted(record) != sorted(BACKBONE_KEYS):
+                raise ArtifactError(f"backbone must be null or an object with exactly the keys "
+                                    f"{', '.join(BACKBONE_KEYS)}, got {record!r}")
+            if not (isinstance(record["sha256"], str) and record["sha256"]):
+                raise ArtifactError("backbone.sha256 must be a non-empty string")
+            features = record["features"]
+            if not (isinstance(features, int) and not isinstance(features, bool) and features > 0):
+                raise ArtifactError(f"backbone.features must be a positive int, got {features!r}")
+            if not all(record[key] is None or isinstance(record[key], str)
+                       for key in ("onnx_sha256", "head_onnx_sha256")):
+                raise ArtifactError("backbone.onnx_sha256 and backbone.head_onnx_sha256 must be strings")
 
     @property
     def num_classes(self) -> int:
@@ -220,6 +253,11 @@ class Manifest:
     @property
     def has_int8(self) -> bool:
         return self.int8_sha256 is not None
+
+    @property
+    def shares_backbone(self) -> bool:
+        """backbone.onnx and head.onnx ship: the model can share a resident backbone."""
+        return self.backbone is not None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -257,6 +295,10 @@ def write_manifest(model_dir: str | os.PathLike[str], manifest: Manifest) -> Pat
         manifest.onnx_sha256 = sha256_file(onnx_path)
     int8_path = model_dir / INT8_FILE
     manifest.int8_sha256 = sha256_file(int8_path) if int8_path.exists() else None
+    if manifest.backbone is not None:
+        for key, name in (("onnx_sha256", BACKBONE_FILE), ("head_onnx_sha256", HEAD_FILE)):
+            if (model_dir / name).exists():
+                manifest.backbone[key] = sha256_file(model_dir / name)
     target = model_dir / MANIFEST_FILE
     with tempfile.NamedTemporaryFile("w", dir=model_dir, prefix=".kennel.", delete=False) as tmp:
         json.dump(manifest.to_json(), tmp, indent=2, sort_keys=True)
@@ -294,6 +336,33 @@ def load(model_dir: str | os.PathLike[str], verify_checksum: bool = True) -> Man
                                 f"incomplete")
         if verify_checksum and sha256_file(int8_path) != manifest.int8_sha256:
             raise ArtifactError(f"{int8_path} does not match the checksum in {MANIFEST_FILE} (corrupt or replaced)")
+    return manifest
+
+
+def load_split(model_dir: str | os.PathLike[str], verify_backbone: bool = True) -> Manifest:
+    """Read and validate a model directory for a multi-model endpoint: its backbone.onnx and head.onnx.
+
+    head.onnx's checksum is always verified; backbone.onnx's (the bulk of the model)
+    only with ``verify_backbone``: an endpoint that already holds a backbone of this
+    identity does not load this one. Raises ArtifactError with the reason.
+    """
+    manifest = read_manifest(model_dir)
+    record = manifest.backbone
+    if record is None:
+        raise ArtifactError(f"{Path(model_dir) / MANIFEST_FILE} records no shared backbone: the model was trained "
+                            f"with freeze_backbone=false or before {BACKBONE_FILE} existed; serve it on its own "
+                            f"({ONNX_FILE})")
+    paths = {name: Path(model_dir) / name for name in (BACKBONE_FILE, HEAD_FILE)}
+    for path in paths.values():
+        if not path.is_file():
+            raise ArtifactError(f"{path} not found, but {MANIFEST_FILE} records a shared backbone: the model "
+                                f"directory is incomplete")
+    checks = [(paths[HEAD_FILE], record["head_onnx_sha256"])]
+    if verify_backbone:
+        checks.append((paths[BACKBONE_FILE], record["onnx_sha256"]))
+    for path, expected in checks:
+        if sha256_file(path) != expected:
+            raise ArtifactError(f"{path} does not match the checksum in {MANIFEST_FILE} (corrupt or replaced)")
     return manifest
 
 

@@ -66,6 +66,82 @@ def test_missing_files_are_named(tmp_path):
         ka.read_manifest(tmp_path)
 
 
+# --------------------------------------------------------------------------- the shared backbone
+
+IDENTITY = "ab" * 32
+
+
+def _split_model(directory, features=512):
+    """A model directory with backbone.onnx and head.onnx (stand-in bytes) and its manifest."""
+    for name, content in ((ka.ONNX_FILE, b"whole"), (ka.BACKBONE_FILE, b"backbone"), (ka.HEAD_FILE, b"head")):
+        (directory / name).write_bytes(content)
+    record = {"sha256": IDENTITY, "features": features, "onnx_sha256": None, "head_onnx_sha256": None}
+    ka.write_manifest(directory, _manifest(backbone=record))
+    return directory
+
+
+def test_manifest_round_trip_with_and_without_a_shared_backbone(tmp_path):
+    _split_model(tmp_path)
+    loaded = ka.load(tmp_path)
+    assert loaded.shares_backbone and loaded.backbone == {
+        "sha256": IDENTITY, "features": 512, "onnx_sha256": ka.sha256_file(tmp_path / ka.BACKBONE_FILE),
+        "head_onnx_sha256": ka.sha256_file(tmp_path / ka.HEAD_FILE)}
+    assert ka.load_split(tmp_path) == loaded
+    # Without the record (freeze_backbone=false), and a manifest from before the field: no backbone.
+    ka.write_manifest(tmp_path, _manifest())
+    assert ka.load(tmp_path).backbone is None and not ka.load(tmp_path).shares_backbone
+    data = json.loads((tmp_path / ka.MANIFEST_FILE).read_text())
+    del data["backbone"]
+    (tmp_path / ka.MANIFEST_FILE).write_text(json.dumps(data))
+    assert ka.load(tmp_path).backbone is None
+
+
+def test_load_split_refuses_a_model_without_the_record(tmp_path):
+    (tmp_path / ka.ONNX_FILE).write_bytes(b"whole")
+    ka.write_manifest(tmp_path, _manifest())
+    with pytest.raises(ka.ArtifactError, match=r"kennel.json records no shared backbone: the model was trained with "
+                                               r"freeze_backbone=false .* serve it on its own \(model.onnx\)"):
+        ka.load_split(tmp_path)
+
+
+@pytest.mark.parametrize("name", [ka.BACKBONE_FILE, ka.HEAD_FILE])
+def test_load_split_names_a_missing_file(tmp_path, name):
+    _split_model(tmp_path)
+    (tmp_path / name).unlink()
+    with pytest.raises(ka.ArtifactError, match=f"{name} not found, but kennel.json records a shared backbone"):
+        ka.load_split(tmp_path, verify_backbone=False)
+
+
+def test_load_split_always_verifies_the_head_and_the_backbone_when_asked(tmp_path):
+    _split_model(tmp_path)
+    (tmp_path / ka.BACKBONE_FILE).write_bytes(b"another backbone")
+    # An endpoint that already holds this backbone skips hashing it (and does not load it).
+    assert ka.load_split(tmp_path, verify_backbone=False).backbone["sha256"] == IDENTITY
+    with pytest.raises(ka.ArtifactError, match="backbone.onnx does not match the checksum in kennel.json"):
+        ka.load_split(tmp_path)
+    _split_model(tmp_path)
+    (tmp_path / ka.HEAD_FILE).write_bytes(b"another head")
+    for verify in (True, False):
+        with pytest.raises(ka.ArtifactError, match="head.onnx does not match the checksum in kennel.json"):
+            ka.load_split(tmp_path, verify_backbone=verify)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"sha256": IDENTITY, "features": 512}, "exactly the keys sha256, features, onnx_sha256, head_onnx_sha256"),
+    ({"sha256": IDENTITY, "features": 512, "onnx_sha256": None, "head_onnx_sha256": None, "x": 1}, "exactly the keys"),
+    ("ab", "exactly the keys"),
+    ({"sha256": "", "features": 512, "onnx_sha256": None, "head_onnx_sha256": None}, "sha256 must be a non-empty"),
+    ({"sha256": IDENTITY, "features": 0, "onnx_sha256": None, "head_onnx_sha256": None}, "features must be a posit"),
+    ({"sha256": IDENTITY, "features": True, "onnx_sha256": None, "head_onnx_sha256": None}, "features must be a posit"),
+    ({"sha256": IDENTITY, "features": 512, "onnx_sha256": 1, "head_onnx_sha256": None}, "must be strings"),
+])
+def test_an_invalid_backbone_record_is_refused_with_a_reason(tmp_path, record, message):
+    data = dict(_manifest().to_json(), backbone=record)
+    (tmp_path / ka.MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(ka.ArtifactError, match=message):
+        ka.read_manifest(tmp_path)
+
+
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16"])
 def test_decode_converts_every_mode_to_rgb(mode):
     image = Image.new("RGB", (40, 30), (10, 200, 30)).convert(mode)
