@@ -17,6 +17,7 @@ import torch
 import torchvision
 
 import kennel_artifact
+from kennel_train.export import backbone_identity
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = Path(sys.executable).with_name("train")  # sagemaker-training's console script
@@ -58,6 +59,7 @@ def test_original_layout_string_hyperparameters_writes_every_artifact(opt_ml, ge
     assert manifest.architecture == "resnet18" and len(manifest.class_names) == 3
     assert manifest.hyperparameters["optimizer"] == "adamw" and manifest.hyperparameters["learning_rate"] == 0.01
     assert (base / "model" / "model.pth").is_file()
+    assert kennel_artifact.load_split(base / "model").backbone["features"] == 512  # freeze_backbone=true by default
     assert sorted(p.name for p in (base / "output" / "data").iterdir()) == [
         "metrics.json", "per-class-accuracy.csv", "per-class-accuracy.json", "training-curves.png"]
     assert list((base / "output" / "tensorboard").glob("events.out.tfevents.*"))
@@ -91,6 +93,8 @@ def test_separate_channels_pretrained_channel_and_skipped_images(opt_ml, generat
     exported = torch.load(base / "model" / "model.pth", weights_only=True)
     assert all(torch.equal(exported[key], value) for key, value in weights.items()
                if not key.startswith("fc.") and "num_batches_tracked" not in key)
+    # The backbone stayed frozen, BatchNorm statistics included: its identity is the pretrained file's.
+    assert kennel_artifact.load_split(base / "model").backbone["sha256"] == backbone_identity(weights, (224, 224))
     counts = kennel_artifact.load(base / "model").data["splits"]["train"]
     assert counts == {"images": 18, "files": 20, "unreadable": 2}  # one found by its header, one while decoding
     # KENNEL_INT8=false: FP32 only, and the manifest says why.

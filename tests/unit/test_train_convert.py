@@ -15,7 +15,7 @@ from torchvision import transforms
 
 import kennel_artifact
 from kennel_artifact import ORIGINAL_EVAL
-from kennel_train import convert
+from kennel_train import convert, export
 from kennel_train.breeds import DOG_IMAGES_CLASSES
 
 
@@ -63,6 +63,10 @@ def test_a_converted_original_model_returns_the_original_endpoints_logits(tmp_pa
     assert np.abs(logits - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
     state = torch.load(tmp_path / "out" / "model.pth", weights_only=True)
     original_model().load_state_dict(state, strict=True)
+    # The original trained the head only: the backbone ships apart, as the original weights at 224x224.
+    split = kennel_artifact.load_split(tmp_path / "out")
+    assert split.backbone["sha256"] == export.backbone_identity(model.state_dict(), (224, 224))
+    assert split.backbone["features"] == 2048
 
 
 def test_another_architecture_with_its_class_names_file(tmp_path):

@@ -101,6 +101,8 @@ def test_the_model_directory_is_complete_and_describes_the_run(finished_run, gen
     assert manifest.hyperparameters["learning_rate"] == 0.01 and manifest.hyperparameters["epochs"] == EPOCHS
     assert manifest.data["splits"]["train"] == {"images": 18, "files": 18, "unreadable": 0}
     assert manifest.metrics["onnx_max_abs_diff"] <= manifest.metrics["onnx_tolerance"]
+    # freeze_backbone=true (the default): the backbone ships apart for multi-model endpoints.
+    assert manifest.shares_backbone and manifest.metrics["split_onnx_max_abs_diff"] <= manifest.metrics["onnx_tolerance"]
     assert manifest.metrics["epochs"] == EPOCHS and 0 <= manifest.metrics["test_accuracy"] <= 1
     assert {"torch", "torchvision", "onnxruntime", "python"} <= set(manifest.versions)
 

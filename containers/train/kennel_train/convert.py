@@ -7,7 +7,9 @@
 The original training job saved ``torch.save(model.cpu().state_dict(), "model.pth")``
 (ResNet-50, head Linear(2048, 128) - ReLU - Linear(128, 133)) and nothing else:
 no class names, no preprocessing. This writes DIR/model.pth (the same weights),
-DIR/model.onnx (verified against PyTorch) and DIR/kennel.json with:
+DIR/model.onnx (verified against PyTorch), DIR/backbone.onnx and DIR/head.onnx
+(the original froze the whole backbone: models converted from the same
+ImageNet weights share it on a multi-model endpoint) and DIR/kennel.json with:
 
 * the original evaluation preprocessing (ORIGINAL_EVAL: squash to 224x224, no
   normalisation), so the endpoint returns the same raw logits the original did;
@@ -191,7 +193,8 @@ def convert(model_tar: Path | None, model_pth: Path | None, output: Path, class_
                                   "kennel_artifact_format": str(kennel_artifact.FORMAT_VERSION)})
     samples = int8_images(images, names) if images is not None else None
     try:
-        export.write_model_dir(output, network, manifest, check_images())
+        # The original system trained the head only: its backbone is shareable.
+        export.write_model_dir(output, network, manifest, check_images(), backbone_frozen=True)
         if samples is None:
             quantize.skip(output, manifest, "no images were given to calibrate and check it (--int8-images)")
         else:

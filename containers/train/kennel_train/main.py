@@ -346,9 +346,13 @@ def _train(paths: contract.Paths, hp: contract.Hyperparameters, group: distribut
                         head=describe_head(network, hp.head), hyperparameters=hp.to_json(),
                         metrics=_finite(metrics), data={"layout": splits.layout, "splits": counts},
                         versions=versions())
-    parity = export.write_model_dir(paths.model, network, manifest, _check_images(eval_sets["test"]))
+    parity = export.write_model_dir(paths.model, network, manifest, _check_images(eval_sets["test"]),
+                                    backbone_frozen=hp.freeze_backbone)
     log.info("model written to %s (ONNX max abs difference %.2g, tolerance %.2g)", paths.model,
              parity["onnx_max_abs_diff"], parity["onnx_tolerance"])
+    if manifest.shares_backbone:
+        log.info("shared backbone %s (%s and %s, max abs difference %.2g)", manifest.backbone["sha256"],
+                 kennel_artifact.BACKBONE_FILE, kennel_artifact.HEAD_FILE, parity["split_onnx_max_abs_diff"])
     if hp.int8:
         log.info("int8: quantizing the model and scoring it beside FP32 on %d validation images",
                  len(valid_index.samples))

@@ -194,7 +194,9 @@ class SplitModel:
         return (p for p in self._trainable_module.parameters() if p.requires_grad)
 
     def train(self) -> None:
-        self.frozen.eval()  # BatchNorm keeps the pretrained statistics
+        # BatchNorm keeps the pretrained statistics: a frozen backbone leaves training as it came,
+        # the one other models trained from it share (export.backbone_identity).
+        self.frozen.eval()
         self.trainable.train()
 
     def eval(self) -> None:
