@@ -2,6 +2,8 @@
 
     handler: kennel_lambda.handler        runtime: python3.11 or later (boto3 is built in)
     environment: ENDPOINT_NAME (required), the endpoint to invoke
+                 DEFAULT_TARGET_MODEL (optional), for a multi-model endpoint: the model
+                 asked when the caller names none (a caller's "model" wins)
 
 Events are described in kennel_lambda_events. Every answer, error or not, is
 ``{"statusCode", "headers", "body"}`` with a JSON body, which is also what API
@@ -10,9 +12,12 @@ Gateway and Function URLs expect:
     200  the endpoint's answer unchanged: [[score_0, ..., score_132]] (raw class
          scores, as the original function returned), or the top-k breeds when
          the caller asked for top_k
-    400/405/413/415  the event cannot be sent (the body says why)
+    400/405/413/415  the event cannot be sent (the body says why); 400 also when a
+         multi-model endpoint gets no model to ask, or a single-model one is named one
+    404  the multi-model endpoint has no model of the name the caller gave
     4xx  the model rejected the image: its own status and message
-    500  the function is misconfigured (ENDPOINT_NAME unset, no permission)
+    500  the function is misconfigured (ENDPOINT_NAME unset, DEFAULT_TARGET_MODEL
+         invalid or not on the endpoint, no permission)
     502  the endpoint failed, answered something that is not JSON, or does not exist
     503  the endpoint is throttling or not ready (Retry-After is set)
     504  the endpoint did not answer within the function's time
@@ -42,9 +47,10 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as 
                                  ConnectTimeoutError, NoCredentialsError, NoRegionError, ParamValidationError,
                                  ReadTimeoutError)
 
-from kennel_lambda_events import JSON, BadRequest, EndpointRequest, parse_event
+from kennel_lambda_events import JSON, TARGET_MODEL, TARGET_MODEL_RULE, BadRequest, EndpointRequest, parse_event
 
 ENDPOINT_ENV = "ENDPOINT_NAME"
+TARGET_MODEL_ENV = "DEFAULT_TARGET_MODEL"
 _ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 # Without a Lambda context (local runs, tests) requests get this much time.
 LOCAL_BUDGET_S = 30.0
@@ -182,12 +188,13 @@ def handler(event: Any, context: Any = None) -> dict[str, Any]:
     started = time.monotonic()
     budget = budget_seconds(context)
     _deadline, _last_error_code = started + budget, ""
-    source = "?"
+    source, target = "?", None
     try:
-        endpoint = endpoint_name()
+        endpoint, default_target = endpoint_name(), default_target_model()
         request = parse_event(event)
         source = request.source
-        response = invoke(runtime_client(budget), endpoint, request)
+        target = request.target_model or default_target
+        response = invoke(runtime_client(budget), endpoint, request, target)
     except BadRequest as exc:
         response = answer(exc.status, {"error": str(exc)})
     except ConfigurationError as exc:
@@ -198,8 +205,10 @@ def handler(event: Any, context: Any = None) -> dict[str, Any]:
         response = answer(500, {"error": "internal error in the function"})
     finally:
         _deadline = math.inf
-    log.info(json.dumps({"source": source, "status": response["statusCode"],
-                         "ms": round((time.monotonic() - started) * 1000, 1)}))
+    line = {"source": source, "status": response["statusCode"], "ms": round((time.monotonic() - started) * 1000, 1)}
+    if target:
+        line["model"] = target
+    log.info(json.dumps(line))
     return response
 
 
@@ -212,17 +221,28 @@ def endpoint_name() -> str:
     return name
 
 
-def invoke(client: Any, endpoint: str, request: EndpointRequest) -> dict[str, Any]:
-    """InvokeEndpoint, its answer or failure as the function's response."""
+def default_target_model() -> str | None:
+    """DEFAULT_TARGET_MODEL: the model a multi-model endpoint is asked when the caller names none."""
+    name = os.environ.get(TARGET_MODEL_ENV, "").strip()
+    if name and not TARGET_MODEL.fullmatch(name):
+        raise ConfigurationError(f"{TARGET_MODEL_ENV}={name[:100]!r} is not a model name: {TARGET_MODEL_RULE}")
+    return name or None
+
+
+def invoke(client: Any, endpoint: str, request: EndpointRequest, target: str | None = None) -> dict[str, Any]:
+    """InvokeEndpoint (of model `target` on a multi-model endpoint), its answer or failure as the
+    function's response."""
     params: dict[str, Any] = {"EndpointName": endpoint, "Body": request.body,
                               "ContentType": request.content_type, "Accept": JSON}
     if request.top_k is not None:
         params["CustomAttributes"] = f"top_k={request.top_k}"
+    if target:
+        params["TargetModel"] = target
     try:
         result = client.invoke_endpoint(**params)
         body = result["Body"].read()
     except ClientError as exc:
-        return client_error_answer(exc, endpoint)
+        return client_error_answer(exc, endpoint, target, named_by_caller=request.target_model is not None)
     except DeadlineReached:
         if _last_error_code in THROTTLING_CODES:
             return busy_answer()
@@ -245,7 +265,8 @@ def invoke(client: Any, endpoint: str, request: EndpointRequest) -> dict[str, An
     return {"statusCode": 200, "headers": {"Content-Type": JSON}, "body": text}
 
 
-def client_error_answer(exc: ClientError, endpoint: str) -> dict[str, Any]:
+def client_error_answer(exc: ClientError, endpoint: str, target: str | None = None,
+                        named_by_caller: bool = False) -> dict[str, Any]:
     """botocore's error for InvokeEndpoint -> the function's answer."""
     error = exc.response.get("Error", {})
     code = error.get("Code", "")
@@ -256,6 +277,10 @@ def client_error_answer(exc: ClientError, endpoint: str) -> dict[str, Any]:
         return model_error_answer(exc.response)
     if code in THROTTLING_CODES or http_status in (429, 503):
         return busy_answer()
+    if code == "ValidationError":
+        refused = target_model_answer(message, target, named_by_caller)
+        if refused is not None:
+            return refused
     if code == "ValidationError" and "not found" in message.lower():
         return answer(502, {"error": f"the endpoint {endpoint} does not exist in this account and region"})
     if code in ("AccessDeniedException", "AccessDenied", "UnrecognizedClientException",
@@ -264,6 +289,29 @@ def client_error_answer(exc: ClientError, endpoint: str) -> dict[str, Any]:
     if code in ("RequestTimeout", "RequestTimeoutException"):
         return answer(504, {"error": "the endpoint did not answer in time"})
     return answer(502, {"error": f"the endpoint failed ({code or http_status})"})
+
+
+def target_model_answer(message: str, target: str | None, named_by_caller: bool) -> dict[str, Any] | None:
+    """The runtime's refusals about the target model (ValidationError), or None for another.
+
+    A multi-model endpoint asked without a model, or a single-model one asked for one, is the
+    caller's to fix (400) unless the model came from DEFAULT_TARGET_MODEL (the function's own
+    setting: 500); likewise a model the endpoint cannot load, which the runtime names in its
+    message (404: no such object under the prefix, or one the endpoint's role may not read).
+    """
+    text = message.lower()
+    if target is None and "target model" in text:
+        return answer(400, {"error": "the endpoint serves several models: name one with \"model\" "
+                                     "(such as rex.tar.gz)"})
+    if target is not None and "not a multi-model endpoint" in text:
+        if not named_by_caller:
+            raise ConfigurationError(f"{TARGET_MODEL_ENV} is set, but the endpoint serves one model")
+        return answer(400, {"error": "the endpoint serves one model: leave out \"model\""})
+    if target is not None and target in message:
+        if not named_by_caller:
+            raise ConfigurationError(f"{TARGET_MODEL_ENV}={target} is not a model the endpoint can load")
+        return answer(404, {"error": f"the endpoint has no model {target} that it can load"})
+    return None
 
 
 def model_error_answer(response: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,9 @@ Accepted events (anything else is a 400 with the reason):
   base64-encoded when ``isBase64Encoded`` is true.
 
 ``top_k`` (a field of the JSON object, or the query string of a proxy event)
-asks for the k most likely breeds instead of the raw class scores.
+asks for the k most likely breeds instead of the raw class scores. ``model``
+(the same two places) names the model of a multi-model endpoint to ask, such
+as ``rex.tar.gz`` (InvokeEndpoint's TargetModel; see TARGET_MODEL).
 
 Whatever the caller controls is checked here, down to the shape of each proxy
 field, so that a malformed event is a BadRequest naming what is wrong and never
@@ -43,6 +45,15 @@ _BINARY_TYPES = ("application/x-image", "application/octet-stream")
 _MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 # ASCII digits only: str.isdigit() also takes "²" and "٣", which int() refuses or reads.
 _TOP_K_TEXT = re.compile(r"[0-9]{1,9}")
+# A model of a multi-model endpoint (InvokeEndpoint's TargetModel, the object's key under the
+# endpoint's S3 prefix) as `kennel-aws add-model` names it: NAME.tar.gz, NAME 1-100 letters,
+# digits, '.', '_' and '-' that start and end with a letter or digit. Well inside what SageMaker
+# takes (1024 printable characters); with no '/', no name reaches outside the prefix. The
+# operator tools read this rule from here, the one definition.
+TARGET_MODEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?\.tar\.gz")
+TARGET_MODEL_SUFFIX = ".tar.gz"
+TARGET_MODEL_RULE = ("NAME.tar.gz, NAME 1-100 letters, digits, '.', '_' and '-' starting and ending with a "
+                     "letter or digit")
 _DATA_URI = re.compile(r"^data:([^;,]+);base64,", re.IGNORECASE)
 _SIGNATURES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"),
                (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"), (b"BM", "image/bmp"))
@@ -58,12 +69,14 @@ class BadRequest(ValueError):
 
 @dataclass(frozen=True)
 class EndpointRequest:
-    """What InvokeEndpoint gets: body and its Content-Type, and the top_k asked for (None: raw scores)."""
+    """What InvokeEndpoint gets: body and its Content-Type, the top_k asked for (None: raw scores),
+    and the target model the caller named (None: the function's default, if any)."""
 
     body: bytes
     content_type: str
     top_k: int | None
     source: str  # "url", "image" or "raw-image": for the log line, never the payload itself
+    target_model: str | None = None
 
 
 def parse_event(event: Any) -> EndpointRequest:
@@ -93,6 +106,7 @@ def _parse_proxy_event(event: dict) -> EndpointRequest:
     query = _first_values(_string_map(event, "queryStringParameters"),
                           _list_map(event, "multiValueQueryStringParameters"))
     top_k = parse_top_k(query["top_k"]) if "top_k" in query else None
+    target_model = parse_target_model(query["model"]) if "model" in query else None
 
     body = event.get("body")
     if body is None or body == "":
@@ -108,14 +122,15 @@ def _parse_proxy_event(event: dict) -> EndpointRequest:
 
     if media_type == JSON or media_type.endswith("+json") or (not media_type and not encoded):
         # A text body that names no Content-Type is read as the JSON object.
-        return _parse_fields(_load_json(_b64decode(body, "the request body") if encoded else body), top_k)
+        return _parse_fields(_load_json(_b64decode(body, "the request body") if encoded else body), top_k,
+                             target_model)
     if media_type.startswith("image/") or media_type in _BINARY_TYPES or not media_type:
         if not encoded:
             raise BadRequest("the image arrived as text, which corrupts it: send it base64-encoded "
                              "(API Gateway REST APIs need image/* in their binaryMediaTypes)")
         data = _b64decode(body, "the request body")
         content_type = _image_content_type(data, media_type if media_type.startswith("image/") else "")
-        return EndpointRequest(data, content_type, top_k, "raw-image")
+        return EndpointRequest(data, content_type, top_k, "raw-image", target_model)
     raise BadRequest(f"Content-Type {_quoted(media_type)} is not supported: send application/json or an "
                      "image type (image/jpeg, image/png)", status=415)
 
@@ -154,19 +169,21 @@ def _json_int(digits: str) -> int:
         raise BadRequest("the body holds a number too long to read") from None
 
 
-def _parse_fields(fields: Any, top_k: int | None) -> EndpointRequest:
-    """{"url"} or {"image", "content_type"}, each with an optional "top_k"."""
+def _parse_fields(fields: Any, top_k: int | None, target_model: str | None = None) -> EndpointRequest:
+    """{"url"} or {"image", "content_type"}, each with an optional "top_k" and "model"."""
     if not isinstance(fields, dict):
         raise BadRequest("the JSON body must be an object such as {\"url\": \"https://...\"}")
     if "top_k" in fields:
         top_k = parse_top_k(fields["top_k"])
+    if "model" in fields:
+        target_model = parse_target_model(fields["model"])
     has_url, has_image = "url" in fields, "image" in fields
     if has_url == has_image:
         raise BadRequest("give exactly one of \"url\" (an http(s) address of the image) "
                          "or \"image\" (the image bytes, base64-encoded)")
     if has_url:
         url = _check_url(fields["url"])
-        return EndpointRequest(json.dumps({"url": url}).encode("utf-8"), JSON, top_k, "url")
+        return EndpointRequest(json.dumps({"url": url}).encode("utf-8"), JSON, top_k, "url", target_model)
     image = fields["image"]
     if not isinstance(image, str) or not image:
         raise BadRequest("\"image\" must be a non-empty base64 string")
@@ -178,7 +195,8 @@ def _parse_fields(fields: Any, top_k: int | None) -> EndpointRequest:
         declared = declared or data_uri.group(1)
         image = image[data_uri.end():]
     data = _b64decode(image, "\"image\"")
-    return EndpointRequest(data, _image_content_type(data, _media_type(declared or "")), top_k, "image")
+    return EndpointRequest(data, _image_content_type(data, _media_type(declared or "")), top_k, "image",
+                           target_model)
 
 
 def parse_top_k(value: Any) -> int:
@@ -187,6 +205,13 @@ def parse_top_k(value: Any) -> int:
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K:
         raise BadRequest(f"top_k must be a whole number from 1 to {MAX_TOP_K}")
+    return value
+
+
+def parse_target_model(value: Any) -> str:
+    """A model of a multi-model endpoint, such as "rex.tar.gz" (TARGET_MODEL)."""
+    if not isinstance(value, str) or not TARGET_MODEL.fullmatch(value):
+        raise BadRequest(f"model must name one of the endpoint's models: {TARGET_MODEL_RULE}")
     return value
 
 

@@ -5,6 +5,7 @@
     kennel-loadtest --url http://127.0.0.1:8080/invocations --container kennel-serve-1
     kennel-loadtest --workers 1,2 --threads 1,2   # sweep serving layouts
     kennel-loadtest --endpoint kennel --region eu-west-1 --own-endpoint   # a SageMaker endpoint
+    kennel-loadtest --endpoint kennel --own-endpoint --target-model rex.tar.gz   # one model of a multi-model one
     kennel-loadtest --locustfile my_users.py      # your own Locust users, kennel's ramp and report
 
 A ramp of concurrent Locust users posts dog-photo-sized JPEGs (500x375) until a
@@ -33,6 +34,8 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
+
+from kennel_ops.aws.names import target_model_type
 
 # Nothing that imports the network stack (ssl, http.client, boto3) is imported at module
 # level: run() imports Locust first, and Locust monkey-patches the standard library for gevent.
@@ -77,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a SageMaker endpoint, invoked through the runtime API (needs --own-endpoint)")
     where.add_argument("--own-endpoint", action="store_true",
                        help="the --endpoint, or a --url off this machine, is yours to load (it is refused otherwise)")
+    where.add_argument("--target-model", type=target_model_type, metavar="MODEL.tar.gz",
+                       help="with --endpoint, a multi-model one: the model every request asks (TargetModel)")
     where.add_argument("--region", help="with --endpoint: AWS region (default: the environment's or the profile's)")
     where.add_argument("--profile", help="with --endpoint: named AWS profile")
     where.add_argument("--cloudwatch-wait", type=float, default=180.0, metavar="SECONDS",
@@ -118,8 +123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--workers/--threads need a container this command starts (leave out --url/--endpoint)")
     if args.endpoint and args.container:
         parser.error("--container samples a local container: it does not go with --endpoint")
-    if not args.endpoint and (args.region or args.profile):
-        parser.error("--region and --profile go with --endpoint")
+    if not args.endpoint and (args.region or args.profile or args.target_model):
+        parser.error("--region, --profile and --target-model go with --endpoint")
     if args.endpoint and not args.own_endpoint:
         parser.error(f"--endpoint {args.endpoint} sends real, billed requests: add --own-endpoint to confirm "
                      "the endpoint is yours to load")
@@ -299,7 +304,8 @@ def run(args: argparse.Namespace) -> dict:
             print(f"   healthy after {container.startup_s:.1f} s at {container.url}", flush=True)
             url = target_name = container.url
             container_id = container.container_id
-        plan = LoadPlan(payloads, content_type=content_type, endpoint=args.endpoint, runtime=runtime)
+        plan = LoadPlan(payloads, content_type=content_type, endpoint=args.endpoint, runtime=runtime,
+                        target_model=args.target_model)
         host = None
         if url:
             parts = urllib.parse.urlsplit(url)
@@ -328,7 +334,8 @@ def run(args: argparse.Namespace) -> dict:
         results.append(result)
 
     if args.endpoint:
-        where = f"SageMaker endpoint {args.endpoint} in {region} (InvokeEndpoint)"
+        where = f"SageMaker endpoint {args.endpoint} in {region} (InvokeEndpoint)" + (
+            f", model {args.target_model}" if args.target_model else "")
     else:
         where = args.url or "compose service `serve` on 127.0.0.1 (one container per configuration)"
     settings = {"engine": f"locust {locust.__version__}", "users": [c.__name__ for c in classes],

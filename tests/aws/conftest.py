@@ -1,4 +1,5 @@
-"""Fixtures for the AWS operator commands: moto in server mode and a real OCI registry.
+"""Fixtures for the AWS operator commands: moto in server mode, a real OCI registry, and
+small kennel model folders (model_folder).
 
 moto runs as its own process (`python -m moto.server`) on 127.0.0.1 with request
 recording on, so a test can see every request the commands sent: the exact
@@ -107,6 +108,30 @@ def metric_definitions() -> Path:
     """The training image's MetricDefinitions when the file exists, else the fixture copy."""
     from kennel_ops.aws.training import METRIC_DEFINITIONS
     return METRIC_DEFINITIONS if METRIC_DEFINITIONS.is_file() else FIXTURES / "metric_definitions.json"
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+@pytest.fixture
+def model_folder(tmp_path: Path):
+    """make(name, onnx=b"...") -> a kennel model folder tmp_path/models/name: kennel.json (the real
+    manifest, its checksum over these bytes), model.onnx (any bytes: nothing here runs it), the
+    model.pth serving never reads, and a code/inference.py."""
+    import kennel_artifact
+
+    def make(name: str = "rex", onnx: bytes = b"onnx graph of " + b"x" * 4096) -> Path:
+        folder = tmp_path / "models" / name
+        (folder / "code").mkdir(parents=True)
+        (folder / kennel_artifact.ONNX_FILE).write_bytes(onnx)
+        (folder / kennel_artifact.WEIGHTS_FILE).write_bytes(b"torch state_dict")
+        (folder / "code" / "inference.py").write_text("def model_fn(model_dir):\n    return None\n")
+        kennel_artifact.write_manifest(folder, kennel_artifact.Manifest(
+            architecture="resnet18", class_names=["001.Affenpinscher", "002.Afghan_hound"],
+            preprocessing=kennel_artifact.IMAGENET_EVAL))
+        return folder
+
+    return make
 
 
 # ----------------------------------------------------------------------------- registry + docker

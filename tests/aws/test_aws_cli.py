@@ -44,7 +44,8 @@ def test_bad_flags_exit_2_in_one_line(cli):
 
 
 def test_every_command_has_help(cli):
-    for command in ("push", "role", "train", "tune", "deploy", "autoscale", "dashboard", "lambda", "teardown"):
+    for command in ("push", "role", "train", "tune", "deploy", "add-model", "list-models", "autoscale", "dashboard",
+                    "lambda", "invoke-async", "teardown"):
         status, out, _ = cli(command, "--help")
         assert status == 0
         assert "--dry-run" in out and "--region" in out and "--name" in out and "--tags" in out

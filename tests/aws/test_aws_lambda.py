@@ -133,6 +133,25 @@ def test_lambda_builds_the_package_from_lambda_sources_by_default(cli, moto, aws
     assert aws("lambda").get_function(FunctionName=FUNCTION)["Configuration"]["CodeSha256"] == sha256_b64(built)
 
 
+def test_lambda_in_front_of_a_multi_model_endpoint_gets_a_default_target_model(cli, moto, aws, provisioned, package):
+    import kennel_lambda
+    pc_absent(provisioned)
+    argv = ["lambda", "--zip", str(package), "--provisioned-concurrency", "0"]
+    status, _, err = cli(*argv, "--target-model", "rex.tar.gz")
+    assert status == 0, err
+    variables = aws("lambda").get_function(FunctionName=FUNCTION)["Configuration"]["Environment"]["Variables"]
+    assert variables == {"ENDPOINT_NAME": "kennel", kennel_lambda.TARGET_MODEL_ENV: "rex.tar.gz"}
+    # Without the flag the default goes: callers name the model themselves.
+    pc_absent(provisioned)
+    status, _, err = cli(*argv)
+    assert status == 0, err
+    assert "function kennel-classify: configuration updated" in err
+    variables = aws("lambda").get_function(FunctionName=FUNCTION)["Configuration"]["Environment"]["Variables"]
+    assert variables == {"ENDPOINT_NAME": "kennel"}
+    status, _, err = cli(*argv, "--target-model", "models/rex.tar.gz")
+    assert status == 2 and "invalid target model 'models/rex.tar.gz'" in err and err.count("\n") == 1
+
+
 def test_lambda_dry_run_sends_nothing(cli, moto, aws, provisioned, package, planned):
     pc_absent(provisioned)
     status, out, err = cli("lambda", "--zip", str(package), "--dry-run")

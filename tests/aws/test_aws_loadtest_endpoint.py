@@ -78,6 +78,40 @@ def test_loadtest_invokes_the_endpoint_through_the_runtime_api_and_reads_cloudwa
     assert "CloudWatch (1 minute(s) so far): ModelLatency p99 -" in result.stdout
 
 
+def invocation_headers(moto) -> list[dict]:
+    """The headers of every InvokeEndpoint moto recorded (lower-case names). Read as a sequence of
+    JSON objects: two requests close together can leave two entries on one line."""
+    text, decoder, index, found = moto.recording.read_text(), json.JSONDecoder(), 0, []
+    while (index := len(text) - len(text[index:].lstrip())) < len(text):
+        entry, index = decoder.raw_decode(text, index)
+        if entry["url"].endswith(f"/endpoints/{ENDPOINT}/invocations"):
+            found.append({key.lower(): value for key, value in entry["headers"].items()})
+    return found
+
+
+def test_loadtest_asks_one_model_of_a_multi_model_endpoint(moto, tmp_path):
+    queue_answers(moto, ['[{"label": "Akita", "probability": 0.9}]'])
+    moto.reset_recording()
+    result = run_endpoint_loadtest(tmp_path, "--target-model", "rex.tar.gz", "--images", "1", "--concurrency", "1",
+                                   "--step-seconds", "2", "--step-max-requests", "3")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["url"] == f"SageMaker endpoint {ENDPOINT} in {REGION} (InvokeEndpoint), model rex.tar.gz"
+    headers = invocation_headers(moto)
+    assert len(headers) == 5  # 2 warm-up requests and the step's 3
+    assert {h.get("x-amzn-sagemaker-target-model") for h in headers} == {"rex.tar.gz"}
+
+
+def test_target_model_goes_with_an_endpoint_only(tmp_path):
+    for argv, message in ((["--url", "http://127.0.0.1:9/invocations", "--target-model", "rex.tar.gz"],
+                           "--region, --profile and --target-model go with --endpoint"),
+                          (["--endpoint", ENDPOINT, "--own-endpoint", "--target-model", "../rex.tar.gz"],
+                           "invalid target model")):
+        result = subprocess.run([sys.executable, "-m", "kennel_ops.loadtest", *argv], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr.splitlines()[-1]
+
+
 def test_answers_that_are_not_the_models_are_errors_of_the_run(moto, tmp_path):
     # moto's default answer is the text "body": not JSON, so not a kennel answer
     result = run_endpoint_loadtest(tmp_path, "--images", "1", "--concurrency", "1", "--step-seconds", "2")

@@ -40,6 +40,7 @@ def fresh_client_state(monkeypatch):
     monkeypatch.setattr(kennel_lambda, "_client", None)
     monkeypatch.setattr(kennel_lambda, "_plan", None)
     monkeypatch.setenv("ENDPOINT_NAME", ENDPOINT)
+    monkeypatch.delenv("DEFAULT_TARGET_MODEL", raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -98,6 +99,99 @@ def test_the_answer_body_is_the_endpoints_text_byte_for_byte(stub):
     stub.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(text.encode()), len(text)),
                                           "ContentType": "application/json"})
     assert kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())["body"] == text
+
+
+# -- multi-model endpoints: the target model ----------------------------------------------------
+
+def expect_invocation(stub, target_model: str | None) -> None:
+    params = {"EndpointName": ENDPOINT, "Body": json.dumps({"url": "https://example.com/a.jpg"}).encode(),
+              "ContentType": "application/json", "Accept": "application/json"}
+    if target_model is not None:
+        params["TargetModel"] = target_model
+    stub.add_response("invoke_endpoint", ok_response(SCORES), params)
+
+
+@pytest.mark.parametrize("event", [
+    pytest.param({"url": "https://example.com/a.jpg", "model": "rex-v2.tar.gz"}, id="direct-field"),
+    pytest.param({"version": "2.0", "requestContext": {"http": {"method": "POST"}},
+                  "headers": {"content-type": "application/json"}, "queryStringParameters": {"model": "rex-v2.tar.gz"},
+                  "body": json.dumps({"url": "https://example.com/a.jpg"}), "isBase64Encoded": False},
+                 id="query-string"),
+])
+def test_the_model_a_caller_names_is_the_target_model(stub, event):
+    expect_invocation(stub, "rex-v2.tar.gz")
+    response = kennel_lambda.handler(event, Context())
+    assert response["statusCode"] == 200 and body_of(response) == SCORES
+
+
+def test_the_functions_default_target_model_applies_unless_the_caller_names_one(stub, monkeypatch):
+    monkeypatch.setenv("DEFAULT_TARGET_MODEL", "kennel-a.tar.gz")
+    expect_invocation(stub, "kennel-a.tar.gz")
+    assert kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())["statusCode"] == 200
+    expect_invocation(stub, "kennel-b.tar.gz")
+    event = {"url": "https://example.com/a.jpg", "model": "kennel-b.tar.gz"}
+    assert kennel_lambda.handler(event, Context())["statusCode"] == 200
+
+
+def test_without_a_model_or_a_default_no_target_model_is_sent(stub, monkeypatch):
+    monkeypatch.setenv("DEFAULT_TARGET_MODEL", " ")  # set but empty: no default
+    expect_invocation(stub, None)  # the Stubber refuses any parameter it was not told of
+    assert kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())["statusCode"] == 200
+
+
+@pytest.mark.parametrize("model", ["rex", "../rex.tar.gz", "a/rex.tar.gz", "rex.tar.gz ", "-rex.tar.gz",
+                                   "r" * 101 + ".tar.gz", "", 7, None, ["rex.tar.gz"], "r\u00e9x.tar.gz"])
+def test_an_invalid_model_is_400_and_the_endpoint_is_not_called(stub, model):
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg", "model": model}, Context())
+    assert response["statusCode"] == 400
+    assert body_of(response)["error"].startswith("model must name one of the endpoint's models")
+
+
+def test_an_invalid_default_target_model_is_a_configuration_error(stub, monkeypatch):
+    monkeypatch.setenv("DEFAULT_TARGET_MODEL", "models/rex.tar.gz")
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 500 and "DEFAULT_TARGET_MODEL" in body_of(response)["error"]
+
+
+def test_a_multi_model_endpoint_asked_without_a_model_is_400(stub):
+    stub.add_client_error("invoke_endpoint", service_error_code="ValidationError", http_status_code=400,
+                          service_message="Request 186633a1 is missing a target model header.")
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 400 and '"model"' in body_of(response)["error"]
+
+
+NOT_MULTI_MODEL = f"Endpoint {ENDPOINT} is not a multi-model endpoint and does not support target model header."
+NO_SUCH_MODEL = ("Failed to download model data(bucket: kennel-data, key: models/rex.tar.gz). Please ensure that "
+                 "there is an object located at the URL and that the role passed to CreateModel has permissions "
+                 "to download the model.")
+
+
+@pytest.mark.parametrize("message, status, error", [
+    (NOT_MULTI_MODEL, 400, "the endpoint serves one model: leave out \"model\""),
+    (NO_SUCH_MODEL, 404, "the endpoint has no model rex.tar.gz that it can load"),
+])
+def test_the_runtimes_refusal_of_a_callers_model_is_the_callers_to_fix(stub, message, status, error):
+    stub.add_client_error("invoke_endpoint", service_error_code="ValidationError", http_status_code=400,
+                          service_message=message)
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg", "model": "rex.tar.gz"}, Context())
+    assert response["statusCode"] == status and body_of(response) == {"error": error}
+
+
+@pytest.mark.parametrize("message", [NOT_MULTI_MODEL, NO_SUCH_MODEL])
+def test_the_runtimes_refusal_of_the_default_model_is_a_configuration_error(stub, monkeypatch, message):
+    monkeypatch.setenv("DEFAULT_TARGET_MODEL", "rex.tar.gz")
+    stub.add_client_error("invoke_endpoint", service_error_code="ValidationError", http_status_code=400,
+                          service_message=message)
+    response = kennel_lambda.handler({"url": "https://example.com/a.jpg"}, Context())
+    assert response["statusCode"] == 500 and "DEFAULT_TARGET_MODEL" in body_of(response)["error"]
+
+
+def test_the_log_line_names_the_target_model(stub, caplog):
+    expect_invocation(stub, "rex.tar.gz")
+    with caplog.at_level("INFO", logger="kennel_lambda"):
+        kennel_lambda.handler({"url": "https://example.com/a.jpg", "model": "rex.tar.gz"}, Context())
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith("{")]
+    assert lines[-1]["model"] == "rex.tar.gz" and lines[-1]["status"] == 200
 
 
 # -- bad events and configuration ------------------------------------------------------------

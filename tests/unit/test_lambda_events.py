@@ -116,6 +116,27 @@ def test_unrecognised_bytes_without_content_type_are_415():
     assert raised.value.status == 415
 
 
+@pytest.mark.parametrize("model", ["rex.tar.gz", "kennel-2024.06_b.tar.gz", "a.tar.gz", "R" * 100 + ".tar.gz"])
+def test_model_field_names_the_target_model(model):
+    assert parse_event({"url": URL, "model": model}).target_model == model
+    assert parse_event({"image": b64(JPEG), "model": model}).target_model == model
+
+
+def test_without_model_there_is_no_target_model():
+    assert parse_event({"url": URL}).target_model is None
+
+
+@pytest.mark.parametrize("model", ["rex", "rex.tgz", "rex.tar.gz/", "../rex.tar.gz", "models/rex.tar.gz",
+                                   ".tar.gz", "-rex.tar.gz", "rex-.tar.gz", "rex .tar.gz", " rex.tar.gz",
+                                   "rex.tar.gz\n", "R" * 101 + ".tar.gz", "r\u00e9x.tar.gz", "", 5, None, True,
+                                   ["rex.tar.gz"], {"name": "rex.tar.gz"}])
+def test_a_model_that_is_not_a_plain_model_file_name_is_refused(model):
+    with pytest.raises(BadRequest) as raised:
+        parse_event({"url": URL, "model": model})
+    assert raised.value.status == 400 and "model must name one of the endpoint's models" in str(raised.value)
+    assert len(str(raised.value)) < 300
+
+
 # -- proxy events: API Gateway REST (1.0), HTTP API (2.0), Function URLs ------------------------
 
 @pytest.mark.parametrize("make", [rest_v1, http_v2])
@@ -146,6 +167,19 @@ def test_proxy_octet_stream_body_is_recognised_from_its_bytes(make):
 def test_proxy_query_string_asks_for_top_k(make):
     request = parse_event(make(b64(JPEG), content_type="image/jpeg", encoded=True, query={"top_k": "3"}))
     assert request.top_k == 3
+
+
+@pytest.mark.parametrize("make", [rest_v1, http_v2])
+def test_proxy_query_string_names_the_model(make):
+    request = parse_event(make(b64(JPEG), content_type="image/jpeg", encoded=True, query={"model": "rex.tar.gz"}))
+    assert request.target_model == "rex.tar.gz"
+    with pytest.raises(BadRequest, match="model must name"):
+        parse_event(make(b64(JPEG), content_type="image/jpeg", encoded=True, query={"model": "../x.tar.gz"}))
+
+
+def test_json_body_model_wins_over_the_query_string():
+    request = parse_event(http_v2(json.dumps({"url": URL, "model": "a.tar.gz"}), query={"model": "b.tar.gz"}))
+    assert request.target_model == "a.tar.gz"
 
 
 def test_json_body_top_k_wins_over_the_query_string():

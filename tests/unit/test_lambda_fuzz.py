@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kennel_lambda
-from kennel_lambda_events import BadRequest, EndpointRequest, parse_event
+from kennel_lambda_events import TARGET_MODEL, BadRequest, EndpointRequest, parse_event
 
 ENDPOINT = "kennel-fuzz"
 SCORES = b"[[0.5, -1.25, 3.0]]"
@@ -34,7 +34,7 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(), huge_ints, st.float
                     st.sampled_from(["", " ", "\u00b2", "\u0663", "5", " 3 ", "-1", "1e3", "\ud800", "POST"]))
 json_values = st.recursive(scalars, lambda children: st.one_of(
     st.lists(children, max_size=4),
-    st.dictionaries(st.one_of(st.sampled_from(["url", "image", "top_k", "http", "method", "content-type"]),
+    st.dictionaries(st.one_of(st.sampled_from(["url", "image", "top_k", "model", "http", "method", "content-type"]),
                               st.text(max_size=8)), children, max_size=4)), max_leaves=12)
 
 
@@ -54,8 +54,15 @@ media_types = st.one_of(st.sampled_from(["image/jpeg", "image/png", "application
                                          "image/" + "x" * 2000, "jpeg", ""]), st.text(max_size=20))
 top_ks = st.one_of(st.integers(-5, 1005), st.from_regex(r"\s?[0-9]{1,6}\s?", fullmatch=True),
                    st.integers(4300, 5000).map(lambda digits: "9" * digits))
+# Target models of a multi-model endpoint: good names, near misses (paths, other suffixes, spaces), any text.
+good_models = st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,20}[A-Za-z0-9])?\.tar\.gz", fullmatch=True)
+models = st.one_of(good_models,
+                   st.sampled_from(["rex", "../rex.tar.gz", "a/b.tar.gz", "rex.tar.gz\n", "-.tar.gz", ".tar.gz",
+                                    "r" * 101 + ".tar.gz", "r\u00e9x.tar.gz", "rex.tar.gz\ud800"]),
+                   st.text(max_size=30))
 direct_fields = st.fixed_dictionaries({}, optional={
-    "url": or_junk(urls), "image": or_junk(images), "content_type": or_junk(media_types), "top_k": or_junk(top_ks)})
+    "url": or_junk(urls), "image": or_junk(images), "content_type": or_junk(media_types), "top_k": or_junk(top_ks),
+    "model": or_junk(models)})
 
 
 def dumps_or_text(fields: dict) -> str:
@@ -78,9 +85,10 @@ headers = st.dictionaries(st.sampled_from(["content-type", "Content-Type", "acce
                           max_size=3)
 multi_headers = st.dictionaries(st.sampled_from(["content-type", "Content-Type"]),
                                 st.lists(media_types, max_size=2), max_size=2)
-queries = st.dictionaries(st.sampled_from(["top_k", "other"]), top_ks.map(str), max_size=2)
-multi_queries = st.dictionaries(st.sampled_from(["top_k", "other"]), st.lists(top_ks.map(str), max_size=2),
-                                max_size=2)
+query_values = st.one_of(top_ks.map(str), models)
+queries = st.dictionaries(st.sampled_from(["top_k", "model", "other"]), query_values, max_size=3)
+multi_queries = st.dictionaries(st.sampled_from(["top_k", "model", "other"]), st.lists(query_values, max_size=2),
+                                max_size=3)
 request_contexts = st.fixed_dictionaries({}, optional={
     "http": or_junk(st.fixed_dictionaries({}, optional={"method": or_junk(methods)})), "httpMethod": methods})
 # What a field of a proxy event is replaced with: a value of its kind, or anything.
@@ -90,7 +98,8 @@ FIELD_VALUES = {"httpMethod": methods, "requestContext": request_contexts, "head
 
 good_direct = st.one_of(
     st.fixed_dictionaries({"url": st.sampled_from(["https://example.com/a.jpg", "http://images.example.com/rex"])},
-                          optional={"top_k": st.one_of(st.integers(1, 1000), st.integers(1, 1000).map(str))}),
+                          optional={"top_k": st.one_of(st.integers(1, 1000), st.integers(1, 1000).map(str)),
+                                    "model": good_models}),
     st.fixed_dictionaries({"image": st.sampled_from([JPEG, PNG]).map(lambda data: base64.b64encode(data).decode())},
                           optional={"content_type": st.sampled_from(["image/jpeg", "image/png"])}))
 
@@ -135,6 +144,7 @@ def test_parse_event_answers_a_request_or_a_bad_request_and_nothing_else(event):
     assert isinstance(request.body, bytes) and request.body
     assert request.top_k is None or 1 <= request.top_k <= 1000
     request.content_type.encode("ascii")  # a header InvokeEndpoint can send
+    assert request.target_model is None or TARGET_MODEL.fullmatch(request.target_model)
 
 
 class Records(logging.Handler):
@@ -156,6 +166,7 @@ def stubbed_endpoint():
     """A sagemaker-runtime client whose InvokeEndpoint the Stubber answers, and the function's log records."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ENDPOINT_NAME", ENDPOINT)
+        patch.delenv("DEFAULT_TARGET_MODEL", raising=False)
         patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
         patch.setenv("AWS_ACCESS_KEY_ID", "testing")
         patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")

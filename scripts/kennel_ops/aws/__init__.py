@@ -1,5 +1,6 @@
-"""kennel on AWS: the operator commands (push, role, train, tune, deploy, autoscale,
-dashboard, lambda, teardown) behind `kennel-aws` (or `python -m kennel_ops.aws`).
+"""kennel on AWS: the operator commands (push, role, train, tune, deploy, add-model,
+list-models, autoscale, dashboard, lambda, invoke-async, teardown) behind `kennel-aws`
+(or `python -m kennel_ops.aws`).
 
 Every command is idempotent (a second run changes nothing, or updates in place)
 and takes --dry-run, which prints the mutating API requests it would send as

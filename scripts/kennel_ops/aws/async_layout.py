@@ -14,12 +14,10 @@ import re
 from dataclasses import dataclass
 
 from kennel_ops.aws.context import Aws, CliError
-from kennel_ops.aws.s3 import S3Uri, parse_s3_uri
+from kennel_ops.aws.s3 import IAM_PATTERN_MARKS, S3Uri, parse_s3_uri
 
 INPUTS, OUTPUTS, FAILURES = "inputs/", "outputs/", "failures/"
 SNS_TOPIC = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
-# Characters IAM reads as wildcards or policy variables in a resource ARN.
-IAM_PATTERN_MARKS = ("*", "?", "${")
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,20 @@ from typing import NoReturn, Sequence
 from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
                                  NoRegionError, PartialCredentialsError, ProfileNotFound, WaiterError)
 
-from kennel_ops.aws import autoscale, dashboard, deploy, function, invoke_async, push, role, teardown, train, tune
+from kennel_ops.aws import (add_model, autoscale, dashboard, deploy, function, invoke_async, list_models, push, role,
+                            teardown, train, tune)
 from kennel_ops.aws.context import CliError, DryRunViolation
 from kennel_ops.aws.names import valid_name
 
-COMMANDS = (push, role, train, tune, deploy, autoscale, dashboard, function, invoke_async, teardown)
+COMMANDS = (push, role, train, tune, deploy, add_model, list_models, autoscale, dashboard, function, invoke_async,
+            teardown)
 
 DESCRIPTION = """\
 Operate kennel on AWS. A typical path:
   push -> role -> train (or tune) -> deploy -> autoscale -> dashboard -> lambda -> teardown
 (deploy --serverless or --async for the other hosting kinds; invoke-async calls an
-async endpoint)
+async endpoint; deploy --multi-model serves the models add-model puts under one S3
+prefix, list-models lists them)
 Every command is idempotent and takes --dry-run (print the API requests that
 would change something, as JSON on stdout, and send none of them)."""
 

@@ -3,7 +3,7 @@ tags, the dry-run switch and the console.
 
 Mutating requests go through Aws.send(): under --dry-run it prints the request
 (service, API operation name, parameters) as JSON on stdout and sends nothing.
-Read-only requests (Describe*, List*, Get*) are sent either way, so a plan
+Read-only requests (Describe*, List*, Get*, Head*) are sent either way, so a plan
 reflects what exists. As a safety net, every client made under --dry-run
 refuses any other operation before it reaches the network.
 """
@@ -23,7 +23,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 # The operations that only read state; everything else changes something.
-READ_ONLY_PREFIXES = ("Describe", "List", "Get", "BatchGet", "BatchCheck")
+READ_ONLY_PREFIXES = ("Describe", "List", "Get", "BatchGet", "BatchCheck", "Head")
 # Error codes that mean "no such resource" across the services used here.
 NOT_FOUND_CODES = frozenset({
     "ResourceNotFound", "ResourceNotFoundException", "NoSuchEntity", "NoSuchEntityException",

@@ -9,6 +9,14 @@ Three kinds of hosting (docs/serving.md, "Choosing a hosting option"):
                        topics; `kennel-aws autoscale` can then take it to zero instances.
 SageMaker cannot turn an endpoint of one kind into another: deploy refuses, and says so.
 
+--multi-model s3://BUCKET/PREFIX/ makes a real-time endpoint serve every model
+under PREFIX (Mode MultiModel; `kennel-aws add-model` puts them there): a
+request names one with InvokeEndpoint's TargetModel, and SageMaker loads it on
+first use and keeps it while there is room. --model-cache disabled keeps none
+loaded for the next request (for many models, each asked rarely). SageMaker has
+no serverless multi-model endpoints, and InvokeEndpointAsync names no target
+model: deploy refuses both.
+
 Model and endpoint config are immutable in SageMaker, so their names carry a
 digest of their content: deploying the same inputs again changes nothing, and
 different inputs (a new model, image, instance type ...) make a NEW model and
@@ -16,13 +24,15 @@ config and then update the endpoint in place (UpdateEndpoint, no downtime;
 SageMaker rolls back by itself when the new variant fails its health check).
 When auto-scaling is registered, the update keeps the current instance count.
 
-Model data: --model-data S3URI, or --training-job NAME, or by default the
-newest completed training job of this deployment (tuning trials included).
+Model data: --model-data S3URI, or --training-job NAME, or --multi-model S3URI,
+or by default the newest completed training job of this deployment (tuning
+trials included).
 
 The model runs with the role NAME-endpoint (see kennel_ops.aws.endpoint_role),
 which deploy creates or updates: it may read the deployed model.tar.gz object
-and pull the serving image, nothing else in S3, so a compromised serving
-container cannot write the artifacts a later deploy loads. --role-arn runs the
+(or the objects under the --multi-model prefix) and pull the serving image,
+nothing else in S3, so a compromised serving container cannot write the
+artifacts a later deploy loads. --role-arn runs the
 model with another role instead and leaves NAME-endpoint alone.
 """
 from __future__ import annotations
@@ -32,11 +42,11 @@ import argparse
 from kennel_ops.aws.async_layout import AsyncLayout, layout_from_flag, topic_arn
 from kennel_ops.aws.context import Aws, CliError, describe_or_none
 from kennel_ops.aws.ecr import newest_image_uri
-from kennel_ops.aws.endpoint_role import (ensure_endpoint_role, planned_role_arn, role_not_ready, serving_async_configs,
-                                          serving_containers)
+from kennel_ops.aws.endpoint_role import (MULTI_MODEL, SINGLE_MODEL, ensure_endpoint_role, planned_role_arn,
+                                          role_not_ready, serving_async_configs, serving_containers)
 from kennel_ops.aws.iam import retry_while_propagating
 from kennel_ops.aws.names import VARIANT, Names
-from kennel_ops.aws.s3 import parse_s3_uri
+from kennel_ops.aws.s3 import models_prefix_type, parse_s3_uri
 from kennel_ops.aws.training import csv_list, key_value
 from kennel_ops.aws.waiting import Poll, wait_for
 
@@ -46,6 +56,7 @@ SETTLING = {"Creating", "Updating", "SystemUpdating", "RollingBack"}
 FAILED = {"Failed", "OutOfService", "UpdateRollbackFailed"}
 REAL_TIME, SERVERLESS, ASYNC = "real-time", "serverless", "async"
 SERVERLESS_MEMORY_MB = range(1024, 6145, 1024)
+MODEL_CACHE = {"enabled": "Enabled", "disabled": "Disabled"}  # --model-cache -> ModelCacheSetting
 # The serving container's settings an async endpoint needs (a user's --env wins): bodies up to
 # the size whose parsing stays inside the per-request memory budget (docs/benchmarks.md,
 # "Async request bodies"), as many images as such a body holds, and MMS's timeout raised to
@@ -83,6 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = model.add_mutually_exclusive_group()
     source.add_argument("--model-data", help="s3://.../model.tar.gz")
     source.add_argument("--training-job", help="use this training job's model.tar.gz")
+    source.add_argument("--multi-model", type=models_prefix_type, metavar="S3URI",
+                        help="s3://BUCKET/PREFIX/: a multi-model endpoint serving every model there "
+                             "(add them with `kennel-aws add-model`)")
+    model.add_argument("--model-cache", choices=sorted(MODEL_CACHE),
+                       help="with --multi-model: keep loaded models for later requests (default enabled)")
     model.add_argument("--role-arn",
                        help="execution role (default: NAME-endpoint, which deploy keeps to reading the one model)")
     model.add_argument("--env", type=key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -139,6 +155,8 @@ def config_kind(config: dict) -> str:
 
 
 def resolve_model_data(aws: Aws, args: argparse.Namespace, names: Names) -> str:
+    if args.multi_model:
+        return str(args.multi_model)
     if args.model_data:
         try:
             uri = parse_s3_uri(args.model_data)
@@ -173,6 +191,13 @@ def check_arguments(args: argparse.Namespace) -> None:
     if bool(args.subnets) != bool(args.security_groups):
         raise CliError("--subnets and --security-groups go together")
     kind = hosting_kind(args)
+    if args.multi_model and kind != REAL_TIME:
+        why = {SERVERLESS: "SageMaker has no serverless multi-model endpoints",
+               ASYNC: "InvokeEndpointAsync cannot name a target model"}[kind]
+        raise CliError(f"--multi-model cannot go with --{kind}: {why}")
+    if args.model_cache and not args.multi_model:
+        raise CliError("--model-cache goes with --multi-model")
+    args.model_cache = args.model_cache or "enabled"
     given = {flag for flag, value in (
         ("--instance-type", args.instance_type), ("--instance-count", args.instance_count),
         ("--startup-timeout", args.startup_timeout), ("--download-timeout", args.download_timeout),
@@ -249,7 +274,9 @@ def async_config(args: argparse.Namespace) -> dict:
 
 
 def model_request(aws: Aws, args: argparse.Namespace, names: Names, container: dict, role_arn: str) -> dict:
-    container = {**container, "Mode": "SingleModel"}
+    container = dict(container)
+    if container["Mode"] == MULTI_MODEL:
+        container["MultiModelConfig"] = {"ModelCacheSetting": MODEL_CACHE[args.model_cache]}
     environment = {**(ASYNC_ENV if args.asynchronous else {}), **dict(args.env)}
     if environment:
         container["Environment"] = environment
@@ -332,7 +359,8 @@ def run(args: argparse.Namespace) -> None:
     check_arguments(args)
     sagemaker = aws.client("sagemaker")
     container = {"Image": args.image or newest_image_uri(aws, names.serve_repository),
-                 "ModelDataUrl": resolve_model_data(aws, args, names)}
+                 "ModelDataUrl": resolve_model_data(aws, args, names),
+                 "Mode": MULTI_MODEL if args.multi_model else SINGLE_MODEL}
     endpoint = describe_or_none(sagemaker.describe_endpoint, EndpointName=names.endpoint)
     if endpoint is not None and endpoint["EndpointStatus"] in FAILED:
         raise CliError(f"endpoint {names.endpoint} is {endpoint['EndpointStatus']} "
@@ -383,6 +411,8 @@ def run(args: argparse.Namespace) -> None:
     aws.console.result(f"model {model['ModelName']}")
     if args.asynchronous:
         aws.console.result(f"async {args.async_layout.root}")
+    if args.multi_model:
+        aws.console.result(f"models {args.multi_model}")
 
 
 def wait_in_service(aws: Aws, names: Names, poll: Poll) -> dict:

@@ -5,7 +5,9 @@ code/inference.py) lives. The serving container parses untrusted images, so it
 runs with a role that cannot plant code for the next deploy:
 
   - s3:GetObject on the model artifact objects themselves, nothing else in S3
-    (no ListBucket: a missing artifact reads as AccessDenied);
+    (no ListBucket: a missing artifact reads as AccessDenied); for a multi-model
+    endpoint (deploy --multi-model), on the objects under its models' prefix,
+    which SageMaker loads from as requests name them;
   - pull from the serving image's ECR repository (NAME-serve by default);
   - write CloudWatch logs under /aws/sagemaker/Endpoints/ and metrics in the
     /aws/sagemaker/Endpoints namespace;
@@ -26,15 +28,17 @@ import re
 
 from botocore.exceptions import ClientError
 
-from kennel_ops.aws.async_layout import IAM_PATTERN_MARKS, async_policy_statements
+from kennel_ops.aws.async_layout import async_policy_statements
 from kennel_ops.aws.context import Aws, CliError, describe_or_none
 from kennel_ops.aws.iam import ensure_role
 from kennel_ops.aws.names import Names
 from kennel_ops.aws.role import VPC_ACTIONS, trust_policy
-from kennel_ops.aws.s3 import parse_s3_uri
+from kennel_ops.aws.s3 import IAM_PATTERN_MARKS, models_prefix, parse_s3_uri
 
 POLICY_NAME = "kennel-endpoint-execution"
 METRICS_NAMESPACE = "/aws/sagemaker/Endpoints"
+# A ContainerDefinition's Mode: ModelDataUrl names one model.tar.gz, or the prefix of many.
+SINGLE_MODEL, MULTI_MODEL = "SingleModel", "MultiModel"
 ECR_IMAGE = re.compile(r"^(?P<account>\d{12})\.dkr\.ecr(?:-fips)?\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?"
                        r"/(?P<repository>[a-z0-9][a-z0-9._/-]*)(?::[\w.-]+)?(?:@sha256:[0-9a-f]{64})?$")
 
@@ -53,6 +57,22 @@ def artifact_arn(aws: Aws, model_data: str) -> str:
     return f"arn:{aws.partition}:s3:::{uri.bucket}/{uri.key_prefix}"
 
 
+def models_arn(aws: Aws, prefix: str) -> str:
+    """Every object under a multi-model endpoint's prefix: arn:PARTITION:s3:::BUCKET/PREFIX/*."""
+    try:
+        uri = models_prefix(prefix)
+    except ValueError as error:
+        raise CliError(f"model data: {error}") from None
+    return f"arn:{aws.partition}:s3:::{uri.bucket}/{uri.key_prefix}*"
+
+
+def readable_arn(aws: Aws, container: dict) -> str:
+    """What a container's instances download: its one artifact, or a multi-model container's prefix."""
+    if container.get("Mode") == MULTI_MODEL:
+        return models_arn(aws, container["ModelDataUrl"])
+    return artifact_arn(aws, container["ModelDataUrl"])
+
+
 def repository_arn(aws: Aws, image: str) -> str:
     """The ECR repository an image URI points into (ACCOUNT.dkr.ecr.REGION.amazonaws.com/REPO:TAG or @DIGEST)."""
     match = ECR_IMAGE.match(image)
@@ -64,12 +84,12 @@ def repository_arn(aws: Aws, image: str) -> str:
 
 
 def endpoint_policy(aws: Aws, *, containers: list[dict], vpc: bool, async_configs: list[dict] = ()) -> dict:
-    """containers: {"Image", "ModelDataUrl"} of the models that run with the role;
+    """containers: {"Image", "ModelDataUrl", "Mode"} of the models that run with the role;
     async_configs: the AsyncInferenceConfig of the endpoint configs they serve in, if asynchronous."""
     log_group = aws.arn("logs", "log-group:/aws/sagemaker/Endpoints/*")
     statements = [
         {"Sid": "ReadTheModel", "Effect": "Allow", "Action": "s3:GetObject",
-         "Resource": sorted({artifact_arn(aws, container["ModelDataUrl"]) for container in containers})},
+         "Resource": sorted({readable_arn(aws, container) for container in containers})},
         {"Sid": "PullTheServingImage", "Effect": "Allow",
          "Action": ["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
          "Resource": sorted({repository_arn(aws, container["Image"]) for container in containers})},
@@ -101,7 +121,8 @@ def planned_role_arn(aws: Aws, names: Names) -> str:
 
 
 def serving_containers(aws: Aws, endpoint: dict | None, role_arn: str) -> list[dict]:
-    """{"Image", "ModelDataUrl"} of the models in the endpoint's current (and pending) config that run with role_arn."""
+    """{"Image", "ModelDataUrl", "Mode"} of the models in the endpoint's current (and pending) config that
+    run with role_arn."""
     if endpoint is None:
         return []
     sagemaker = aws.client("sagemaker")
@@ -115,8 +136,9 @@ def serving_containers(aws: Aws, endpoint: dict | None, role_arn: str) -> list[d
                 continue
             for container in [model.get("PrimaryContainer") or {}, *model.get("Containers", [])]:
                 if container.get("ModelDataUrl") and container.get("Image"):
-                    found[(container["Image"], container["ModelDataUrl"])] = {
-                        "Image": container["Image"], "ModelDataUrl": container["ModelDataUrl"]}
+                    entry = {"Image": container["Image"], "ModelDataUrl": container["ModelDataUrl"],
+                             "Mode": container.get("Mode") or SINGLE_MODEL}
+                    found[tuple(entry.values())] = entry
     return [found[key] for key in sorted(found)]
 
 

@@ -5,8 +5,10 @@
             in: sagemaker:InvokeEndpoint on that one endpoint and log writes to
             the function's own log group, nothing else
   function  the zip from lambda/ (built reproducibly, or --zip), handler
-            kennel_lambda.handler, ENDPOINT_NAME=NAME; code and configuration
-            are updated only when they differ
+            kennel_lambda.handler, ENDPOINT_NAME=NAME (and, in front of a
+            multi-model endpoint, DEFAULT_TARGET_MODEL=--target-model: the model
+            asked when a caller names none); code and configuration are updated
+            only when they differ
   version   published when the code or configuration changed
   alias     `live` -> that version; callers invoke NAME-classify:live
   provisioned concurrency on the alias (--provisioned-concurrency, default 2)
@@ -44,7 +46,7 @@ from botocore.exceptions import ClientError
 from kennel_ops import build_lambda_zip, lambda_policy
 from kennel_ops.aws.context import Aws, CliError, describe_or_none
 from kennel_ops.aws.iam import ensure_role, retry_while_propagating
-from kennel_ops.aws.names import ALIAS, Names
+from kennel_ops.aws.names import ALIAS, Names, target_model_type
 from kennel_ops.aws.waiting import Poll, wait_for
 
 COMMAND = "lambda"
@@ -79,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on the alias `live`; 0 removes it (%(default)s, about $4.32/month)")
     parser.add_argument("--reserved-concurrency", type=reserved, default=None, metavar="N|none",
                         help="cap and set aside N concurrent executions (default: none)")
+    parser.add_argument("--target-model", type=target_model_type, metavar="MODEL.tar.gz",
+                        help="in front of a multi-model endpoint: the model asked when a caller names none "
+                             "(default: none; callers must name one)")
     parser.add_argument("--poll-seconds", type=float, default=10.0, help="status poll interval (%(default)s)")
 
 
@@ -108,8 +113,11 @@ def ensure_lambda_role(aws: Aws, names: Names) -> tuple[str, bool]:
 
 
 def desired_configuration(args: argparse.Namespace, names: Names, role_arn: str) -> dict:
+    variables = {"ENDPOINT_NAME": names.endpoint}
+    if args.target_model:
+        variables["DEFAULT_TARGET_MODEL"] = args.target_model
     return {"Role": role_arn, "Runtime": args.runtime, "Handler": HANDLER, "Timeout": args.timeout,
-            "MemorySize": args.memory, "Environment": {"Variables": {"ENDPOINT_NAME": names.endpoint}},
+            "MemorySize": args.memory, "Environment": {"Variables": variables},
             "Description": f"kennel {names.base}: classifies dog images with SageMaker endpoint {names.endpoint}"}
 
 

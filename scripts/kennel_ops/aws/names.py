@@ -5,15 +5,21 @@ resources, so every command finds what the others made and teardown finds it
 all. Models and endpoint configs are immutable in SageMaker: their names carry
 a digest of their content, so an unchanged deploy reuses them and a changed one
 makes new ones.
+
+The models of a multi-model endpoint are named by the rule the Lambda function
+checks callers against (kennel_lambda_events.TARGET_MODEL): NAME.tar.gz.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+
+from kennel_lambda_events import TARGET_MODEL, TARGET_MODEL_RULE, TARGET_MODEL_SUFFIX
 
 # Leaves room for the longest suffix within SageMaker's 63-character names.
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,39}$")
@@ -28,6 +34,28 @@ def valid_name(value: str) -> str:
         raise ValueError(f"invalid name {value!r}: 1-40 letters, digits and hyphens, "
                          "starting and ending with a letter or digit")
     return value
+
+
+def target_model(name: str) -> str:
+    """A model's name -> its TargetModel on a multi-model endpoint, NAME.tar.gz (ValueError if none)."""
+    if not TARGET_MODEL.fullmatch(name + TARGET_MODEL_SUFFIX):
+        raise ValueError(f"invalid model name {name!r}: a model is {TARGET_MODEL_RULE}")
+    return name + TARGET_MODEL_SUFFIX
+
+
+def valid_target_model(value: str) -> str:
+    """A TargetModel as given (--target-model NAME.tar.gz): ValueError unless it follows the rule."""
+    if not TARGET_MODEL.fullmatch(value):
+        raise ValueError(f"invalid target model {value!r}: {TARGET_MODEL_RULE}")
+    return value
+
+
+def target_model_type(text: str) -> str:
+    """argparse type: --target-model NAME.tar.gz."""
+    try:
+        return valid_target_model(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def content_digest(content: Any, length: int = 10) -> str:

@@ -1,4 +1,5 @@
-"""S3 URIs: parsing, joining, and a check that a data prefix holds objects."""
+"""S3 URIs: parsing, joining, the models folder of a multi-model endpoint, and a check
+that a data prefix holds objects."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 from kennel_ops.aws.context import Aws
 
 BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# Characters IAM reads as wildcards or policy variables in a resource ARN.
+IAM_PATTERN_MARKS = ("*", "?", "${")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,28 @@ def s3_uri(text: str) -> S3Uri:
     """argparse type: a folder-like S3 URI."""
     try:
         return parse_s3_uri(text).folder()
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def models_prefix(text: str) -> S3Uri:
+    """s3://BUCKET/PREFIX/, the folder a multi-model endpoint loads its models from; ValueError
+    for anything else. The trailing "/" is required, not added: SageMaker joins the prefix and
+    the TargetModel as strings, so s3://b/models and s3://b/models/ name different objects."""
+    uri = parse_s3_uri(text)
+    if uri.key_prefix.strip("/") == "":
+        raise ValueError(f"name a folder inside the bucket (s3://BUCKET/PREFIX/), not its root: {text!r}")
+    if not uri.key_prefix.endswith("/"):
+        raise ValueError(f"the models' prefix must end with '/' (s3://BUCKET/PREFIX/), got {text!r}")
+    if any(mark in uri.key_prefix for mark in IAM_PATTERN_MARKS):
+        raise ValueError(f"an IAM policy would read '*', '?' or '${{' in {text!r} as a pattern")
+    return uri
+
+
+def models_prefix_type(text: str) -> S3Uri:
+    """argparse type: models_prefix."""
+    try:
+        return models_prefix(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

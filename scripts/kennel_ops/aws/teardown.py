@@ -14,7 +14,8 @@ It lists what it found and asks before deleting (unless --yes). It carries on
 past a failed deletion and reports at the end what was deleted, what was
 already absent and what is left, exiting non-zero when anything could not be
 deleted. Training and tuning jobs (they cannot be deleted and cost nothing),
-S3 data and outputs and CloudWatch log groups are left; the report names them.
+S3 data and outputs (a multi-model endpoint's models too) and CloudWatch log
+groups are left; the report names them.
 """
 from __future__ import annotations
 
@@ -225,7 +226,7 @@ def report_left(aws: Aws, names: Names, args: argparse.Namespace) -> None:
     left = [f"CloudWatch log groups /aws/lambda/{names.function} and /aws/sagemaker/Endpoints/{names.endpoint}",
             f"training and tuning jobs {names.base}-* (records only, no cost)",
             "S3 data and outputs (models/, checkpoints/, tensorboard/ under the --output prefix; "
-            "an async endpoint's inputs/, outputs/ and failures/)"]
+            "an async endpoint's inputs/, outputs/ and failures/; a multi-model endpoint's models)"]
     if not args.delete_images:
         left.append(f"ECR repositories {names.train_repository}, {names.serve_repository} (--delete-images)")
     if args.keep_roles:

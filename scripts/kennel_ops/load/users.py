@@ -43,6 +43,7 @@ class LoadPlan:
     path: str = "/invocations"  # KennelHttpUser: the URL's path (the host is the environment's)
     endpoint: str | None = None  # SageMakerRuntimeUser: the endpoint name
     runtime: Any = None  # SageMakerRuntimeUser: a boto3 sagemaker-runtime client (shared, thread-safe)
+    target_model: str | None = None  # SageMakerRuntimeUser: the model asked of a multi-model endpoint
     deadline: float = 0.0  # time.monotonic() after which no request starts
     left: int = 0  # requests this step may still start
     in_flight: int = 0
@@ -142,9 +143,10 @@ class SageMakerRuntimeUser(User):
             error: Exception | None = None
             length = 0
             try:
+                target = {"TargetModel": self.plan.target_model} if self.plan.target_model else {}
                 answer = self.plan.runtime.invoke_endpoint(EndpointName=self.plan.endpoint, Body=body,
                                                            ContentType=self.plan.content_type,
-                                                           Accept=self.plan.accept)
+                                                           Accept=self.plan.accept, **target)
                 data = answer["Body"].read()
                 length = len(data)
                 problem = expect_json_200(200, data)
