@@ -102,6 +102,7 @@ def test_image_is_small_unprivileged_torch_free_and_labelled(serve_image):
     config = inspect["Config"]
     assert config["User"] == "kennel"
     assert config["Labels"]["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
+    assert config["Labels"]["com.amazonaws.sagemaker.capabilities.multi-models"] == "true"
     assert config["Labels"]["org.opencontainers.image.revision"] == git_commit()  # what the push tags with
     assert config["Entrypoint"][:2] == ["tini", "--"] and config["Cmd"] == ["serve"]
     checks = ("import importlib.util, os, ssl;"

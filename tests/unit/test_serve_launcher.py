@@ -51,6 +51,19 @@ def test_explicit_settings_reach_mms():
     assert int(config["max_request_size"]) == 40 * 1024 * 1024
 
 
+def test_on_a_multi_model_endpoint_mms_listens_on_loopback_behind_the_routes(monkeypatch):
+    multi = settings(SAGEMAKER_MULTI_MODEL="true", SAGEMAKER_BIND_TO_PORT="8080")
+    assert multi.multi_model and not settings().multi_model
+    config = properties(mms_config.mms_properties(multi, internal_port=28081))
+    assert config["inference_address"] == "http://127.0.0.1:28081"
+    assert config["management_address"].startswith("unix:")
+    env = mms_config.mms_environment(multi, [], mme_secret="s3cret")
+    assert env["KENNEL_MME_SECRET"] == "s3cret"
+    assert "KENNEL_MME_SECRET" not in mms_config.mms_environment(settings(), [])
+    port = launcher.loopback_port(avoid={28080})
+    assert 28081 <= port < 28180
+
+
 def test_mms_environment(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/opt/kennel/lib")
     env = mms_config.mms_environment(settings(SAGEMAKER_MODEL_SERVER_WORKERS="1", KENNEL_ORT_THREADS="2"),

@@ -76,7 +76,6 @@ def test_allowlist_takes_addresses_networks_and_host_names(two_cpus):
     ({"KENNEL_URL_TIMEOUT_S": "soon"}, "KENNEL_URL_TIMEOUT_S='soon' is not a number"),
     ({"KENNEL_DRAIN_TIMEOUT_S": "60"}, "KENNEL_DRAIN_TIMEOUT_S=60.0 must be between 0 and 25"),
     ({"KENNEL_URL_ALLOWLIST": "http://x/"}, "KENNEL_URL_ALLOWLIST entry 'http://x/'"),
-    ({"SAGEMAKER_MULTI_MODEL": "true"}, "multi-model endpoints are not supported"),
     ({"KENNEL_ORT_SOLO_THREADS": "0"}, "KENNEL_ORT_SOLO_THREADS=0 must be"),
 ])
 def test_bad_values_name_the_variable(two_cpus, env, message):

@@ -62,11 +62,22 @@ def providers() -> list[str]:
 
 
 def _open(onnx_path: Path, threads: int) -> ort.InferenceSession:
+    return open_session(onnx_path, session_options(threads))
+
+
+def open_session(onnx_path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(str(onnx_path), session_options(threads), providers=providers())
+        return ort.InferenceSession(str(onnx_path), options, providers=providers())
     except Exception as exc:  # ORT raises its own exception types for every way a file can be bad
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArtifactError(f"{onnx_path} cannot be loaded by ONNX Runtime: {reason}") from None
+
+
+def run_batched(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
+    """``run`` over float32 [N, 3, H, W], FORWARD_BATCH images at a time, the results concatenated."""
+    if len(batch) <= FORWARD_BATCH:
+        return run(batch)
+    return np.concatenate([run(batch[start:start + FORWARD_BATCH]) for start in range(0, len(batch), FORWARD_BATCH)])
 
 
 class KennelModel:
@@ -153,10 +164,7 @@ class KennelModel:
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, 3, H, W] -> logits float32 [N, num_classes], FORWARD_BATCH images per run."""
         session = self.solo_session if self.solo_session is not None and not self.others_busy() else self.session
-        if len(batch) <= FORWARD_BATCH:
-            return self._run(session, batch)
-        return np.concatenate([self._run(session, batch[start:start + FORWARD_BATCH])
-                               for start in range(0, len(batch), FORWARD_BATCH)])
+        return run_batched(lambda part: self._run(session, part), batch)
 
     @staticmethod
     def _run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:

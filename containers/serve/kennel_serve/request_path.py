@@ -33,6 +33,7 @@ from kennel_artifact import Preprocessing
 
 from kennel_serve import inputs, metrics, outputs
 from kennel_serve.engine import KennelModel
+from kennel_serve.multi_model import SharedBackboneModel
 from kennel_serve.mms_toolkit.activity import busy_workers
 from kennel_serve.mms_toolkit.transformer import request_headers
 from kennel_serve.settings import ServeSettings
@@ -86,7 +87,7 @@ class KennelInferenceHandler:
     def default_predict_fn(self, data: Sequence[Image.Image] | np.ndarray, model: Any,
                            context: Any = None) -> outputs.Prediction:
         """Forward: model inputs (or decoded images) -> logits, in one forward pass."""
-        if not isinstance(model, KennelModel):
+        if not isinstance(model, (KennelModel, SharedBackboneModel)):
             raise TypeError(f"the default predict_fn needs the model of the default model_fn, got a "
                             f"{type(model).__name__}: define predict_fn in code/inference.py too")
         logits = model.forward(data) if isinstance(data, np.ndarray) else model.predict(data)

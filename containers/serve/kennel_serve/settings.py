@@ -67,8 +67,9 @@ SETTINGS: tuple[EnvSetting, ...] = (
                "`GET /execution-parameters`", compose=False),
     EnvSetting("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", "the workers", "set by batch transform; answered on "
                "`GET /execution-parameters`", compose=False),
-    EnvSetting("SAGEMAKER_MULTI_MODEL", "false", "`true` is refused: multi-model endpoints are not supported",
-               compose=False),
+    EnvSetting("SAGEMAKER_MULTI_MODEL", "false", "`true`: a multi-model endpoint (set by SageMaker): no model at "
+               "start; the `/models` routes load, list, unload and invoke models "
+               "([Multi-model endpoints](#multi-model-endpoints))", compose=False),
     EnvSetting("KENNEL_PRECISION", "`auto`",
                "`fp32`, `int8` (`model.int8.onnx`, when the model has one) or `auto`: INT8 only when it runs "
                f"{INT8_MIN_SPEEDUP} x as fast as FP32 on this CPU, measured at start-up; answers say which in "
@@ -162,12 +163,11 @@ class ServeSettings:
     metrics_emf: bool = False
     metrics_model: str = "kennel"
     url: UrlFetchSettings = field(default_factory=UrlFetchSettings)
+    multi_model: bool = False  # SageMaker's multi-model mode: models come and go through /models
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "ServeSettings":
         read = _Reader(env)
-        if read.flag("SAGEMAKER_MULTI_MODEL", False):
-            raise SettingsError("SAGEMAKER_MULTI_MODEL=true: multi-model endpoints are not supported by this image")
         cpus = kennel_env.usable_cpus()
         batch = read.flag("SAGEMAKER_BATCH", False)
         concurrent = read.integer("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", None, low=1)
@@ -229,6 +229,7 @@ class ServeSettings:
                 max_bytes=read.integer("KENNEL_URL_MAX_BYTES", 10 * MIB, low=1),
                 max_redirects=read.integer("KENNEL_URL_MAX_REDIRECTS", 3, low=0, high=10),
             ),
+            multi_model=read.flag("SAGEMAKER_MULTI_MODEL", False),
         )
 
     def execution_parameters(self, env: Mapping[str, str] | None = None) -> str:

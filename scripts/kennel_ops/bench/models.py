@@ -30,16 +30,25 @@ def build_network(architecture: str, num_classes: int):
 
 def write_random_model(model_dir: str | Path, architecture: str = "resnet18", num_classes: int = 5,
                        preprocessing: kennel_artifact.Preprocessing = kennel_artifact.IMAGENET_EVAL,
-                       seed: int = 0, weights: bool = False) -> Path:
+                       seed: int = 0, weights: bool = False, split: bool = False,
+                       head_seed: int | None = None) -> Path:
     """A kennel model dir from a torchvision network with random weights (no download).
 
     weights=True also writes model.pth (the PyTorch state_dict) for an eager baseline.
+    split=True also writes backbone.onnx and head.onnx, as training does for a frozen
+    backbone (kennel_train.export): models of one ``seed`` share the backbone, and
+    ``head_seed`` (default: ``seed``) draws the head's weights.
     """
     import torch
     import torchvision
 
     torch.manual_seed(seed)
     model = build_network(architecture, num_classes)
+    if head_seed is not None:
+        torch.manual_seed(head_seed)
+        for layer in model.fc.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.reset_parameters()
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     height, width = preprocessing.input_size
@@ -53,8 +62,19 @@ def write_random_model(model_dir: str | Path, architecture: str = "resnet18", nu
                           dynamo=False)
     if weights:
         torch.save(model.state_dict(), model_dir / kennel_artifact.WEIGHTS_FILE)
+    backbone = None
+    if split:
+        from kennel_train.export import backbone_identity, split_onnx
+
+        graphs = split_onnx(model_dir / kennel_artifact.ONNX_FILE, model.fc[0].in_features)
+        for name, graph in zip((kennel_artifact.BACKBONE_FILE, kennel_artifact.HEAD_FILE), graphs):
+            (model_dir / name).write_bytes(graph)
+        # The file checksums are filled in by write_manifest.
+        backbone = {"sha256": backbone_identity(model.state_dict(), (height, width)),
+                    "features": model.fc[0].in_features, "onnx_sha256": "", "head_onnx_sha256": ""}
     manifest = kennel_artifact.Manifest(
         architecture=architecture, class_names=class_names(num_classes), preprocessing=preprocessing,
-        head={"hidden": 128}, versions={"torch": torch.__version__, "torchvision": torchvision.__version__})
+        head={"hidden": 128}, versions={"torch": torch.__version__, "torchvision": torchvision.__version__},
+        backbone=backbone)
     kennel_artifact.write_manifest(model_dir, manifest)
     return model_dir

@@ -36,6 +36,7 @@ from typing import Any
 from sagemaker_inference.default_handler_service import DefaultHandlerService
 
 from kennel_serve.mms_toolkit import activity
+from kennel_serve.mms_toolkit.multi_model_transformer import MultiModelTransformer
 from kennel_serve.mms_toolkit.transformer import KennelTransformer
 from kennel_serve.request_path import KennelInferenceHandler
 from kennel_serve.settings import ServeSettings
@@ -46,7 +47,12 @@ log = logging.getLogger(__name__)
 class HandlerService(DefaultHandlerService):
     def __init__(self) -> None:
         self.settings = ServeSettings.from_env(os.environ)
-        super().__init__(transformer=KennelTransformer(KennelInferenceHandler(self.settings), self.settings))
+        handlers = KennelInferenceHandler(self.settings)
+        if self.settings.multi_model:  # models come through the /models routes (multi_model_transformer.py)
+            transformer = MultiModelTransformer(handlers, self.settings, os.environ.get("KENNEL_MME_SECRET", ""))
+        else:
+            transformer = KennelTransformer(handlers, self.settings)
+        super().__init__(transformer=transformer)
 
     def initialize(self, context: Any) -> None:
         if multiprocessing.parent_process() is None:

@@ -4,6 +4,8 @@
 2. Install code/requirements.txt if the model brings one.
 3. Load the model exactly as the workers will (same handlers, user code included)
    and run one warm-up inference.
+   On a multi-model endpoint (SAGEMAKER_MULTI_MODEL=true) there is no model yet:
+   MMS serves the multi-model host (kennel_serve.multi_model) instead.
 4. Serve GET /metrics on KENNEL_METRICS_PORT from a thread (kennel_serve.metrics_endpoint).
 5. Write MMS's configuration (mms_config.py) and start MMS in its own process group.
 6. Supervise it (supervisor.py); on SIGTERM/SIGINT drain (drain.py), then stop it,
@@ -34,13 +36,15 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import secrets
+import socket
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from kennel_serve.mms_toolkit import mms_config, supervisor
+from kennel_serve.mms_toolkit import mms_config, multi_model_routes, supervisor
 from kennel_serve.settings import ServeSettings, SettingsError
 
 log = logging.getLogger("kennel_serve")
@@ -92,6 +96,20 @@ def check_model_serves(settings: ServeSettings) -> None:
     gc.collect()
 
 
+def loopback_port(avoid: set[int]) -> int:
+    """A free port on 127.0.0.1 for MMS behind the multi-model routes (MMS refuses 32767 and up)."""
+    for port in range(28080, 28180):
+        if port in avoid:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ServeError("no free port on 127.0.0.1 between 28080 and 28179 for multi-model-server")
+
+
 def main() -> int:
     started = time.monotonic()
     logging.basicConfig(level=logging.WARNING, format="kennel-serve: %(message)s", stream=sys.stderr)
@@ -105,12 +123,20 @@ def main() -> int:
         if cli is None:
             raise ServeError("multi-model-server is not installed in this environment")
         reset_state_dir(settings.state_dir)
-        code_dir = settings.model_dir / "code"
-        python_paths = [path for path in (code_dir if code_dir.is_dir() else None,
-                                          install_requirements(code_dir, settings.state_dir / "packages"))
-                        if path is not None]
-        sys.path[:0] = [str(path) for path in python_paths]
-        check_model_serves(settings)
+        if settings.multi_model:
+            # No model yet: MMS serves the multi-model host, an empty folder, whose workers load the
+            # models the /models routes name (multi_model_routes.py, kennel_serve.multi_model).
+            served_dir, python_paths = settings.state_dir / "multi-model-host", []
+            served_dir.mkdir()
+            import kennel_serve.multi_model  # noqa: F401  (fails here, in one line, if the engine cannot load)
+        else:
+            served_dir = settings.model_dir
+            code_dir = settings.model_dir / "code"
+            python_paths = [path for path in (code_dir if code_dir.is_dir() else None,
+                                              install_requirements(code_dir, settings.state_dir / "packages"))
+                            if path is not None]
+            sys.path[:0] = [str(path) for path in python_paths]
+            check_model_serves(settings)
         if settings.metrics and settings.metrics_port:
             from kennel_serve.metrics_endpoint import start_metrics_endpoint
             try:
@@ -123,10 +149,22 @@ def main() -> int:
         return 1
     if stop.requested:
         return 0
-    log.warning("model %s checked and warmed up in %.1f s; starting multi-model-server", settings.model_dir,
-                time.monotonic() - started)
-    process = supervisor.start_mms(cli, mms_config.write_mms_properties(settings), settings,
-                                   mms_config.mms_environment(settings, python_paths))
+    internal_port = secret = None
+    if settings.multi_model:
+        try:
+            internal_port, secret = loopback_port(avoid={settings.port, settings.metrics_port}), secrets.token_hex(32)
+            multi_model_routes.start_front(settings, internal_port, secret)
+        except (OSError, ServeError) as exc:
+            print(f"kennel-serve: cannot serve on {settings.bind_address}:{settings.port}: {exception_line(exc)}",
+                  file=sys.stderr, flush=True)
+            return 1
+        log.warning("multi-model endpoint: no model at start, POST /models loads one; starting multi-model-server "
+                    "on 127.0.0.1:%d", internal_port)
+    else:
+        log.warning("model %s checked and warmed up in %.1f s; starting multi-model-server", settings.model_dir,
+                    time.monotonic() - started)
+    process = supervisor.start_mms(cli, mms_config.write_mms_properties(settings, internal_port), served_dir,
+                                   mms_config.mms_environment(settings, python_paths, secret), settings.state_dir)
     try:
         return supervisor.supervise(process, settings, stop, started)
     finally:

@@ -55,8 +55,11 @@ MMS_MODEL_NAME = "model"
 # pages under load, and the container's memory rose for minutes before it levelled off.
 
 
-def mms_properties(settings: ServeSettings) -> str:
+def mms_properties(settings: ServeSettings, internal_port: int | None = None) -> str:
+    """``internal_port``: MMS listens on 127.0.0.1 there, behind multi_model_routes.py (multi-model mode)."""
     payload = settings.max_payload_bytes
+    address = (f"http://127.0.0.1:{internal_port}" if internal_port is not None
+               else f"http://{settings.bind_address}:{settings.port}")
     properties = {
         # Environment variables MMS_<PROPERTY> may still override any line (operators' escape hatch).
         "enable_envvars_config": "true",
@@ -65,7 +68,7 @@ def mms_properties(settings: ServeSettings) -> str:
         "default_workers_per_model": settings.workers,
         # Seconds. (MMS reads default_response_timeout, which the toolkit writes, as MINUTES.)
         "default_response_timeout_seconds": settings.model_server_timeout_s,
-        "inference_address": f"http://{settings.bind_address}:{settings.port}",
+        "inference_address": address,
         # The management API (register/scale/delete models) answers on a Unix socket only,
         # never on the port clients reach.
         "management_address": f"unix:{settings.state_dir / 'management.sock'}",
@@ -82,13 +85,13 @@ def mms_properties(settings: ServeSettings) -> str:
     return "".join(f"{key}={value}\n" for key, value in properties.items())
 
 
-def write_mms_properties(settings: ServeSettings) -> Path:
+def write_mms_properties(settings: ServeSettings, internal_port: int | None = None) -> Path:
     path = settings.state_dir / "mms.properties"
-    path.write_text(mms_properties(settings))
+    path.write_text(mms_properties(settings, internal_port))
     return path
 
 
-def mms_environment(settings: ServeSettings, python_paths: list[Path]) -> dict[str, str]:
+def mms_environment(settings: ServeSettings, python_paths: list[Path], mme_secret: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     tmp = str(settings.state_dir / "tmp")
     env.update({
@@ -102,6 +105,9 @@ def mms_environment(settings: ServeSettings, python_paths: list[Path]) -> dict[s
         "TMPDIR": tmp,
         "TEMP": tmp,
     })
+    if mme_secret is not None:
+        # What proves to a worker that a job came from multi_model_routes.py, not a client.
+        env["KENNEL_MME_SECRET"] = mme_secret
     paths = [str(p) for p in python_paths] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     if paths:
         env["PYTHONPATH"] = os.pathsep.join(paths)

@@ -63,12 +63,12 @@ def find_mms_cli() -> str | None:
                                                                     os.environ.get("PATH", "")]))
 
 
-def start_mms(cli: str, properties: Path, settings: ServeSettings, env: dict[str, str]) -> subprocess.Popen:
+def start_mms(cli: str, properties: Path, model_dir: Path, env: dict[str, str], state_dir: Path) -> subprocess.Popen:
     command = [cli, "--start", "--foreground", "--mms-config", str(properties), "--model-store", "/",
-               "--models", f"{MMS_MODEL_NAME}={settings.model_dir.resolve()}", "--log-config", str(LOG_CONFIG)]
+               "--models", f"{MMS_MODEL_NAME}={model_dir.resolve()}", "--log-config", str(LOG_CONFIG)]
     # Own process group (same session): the launcher stops the CLI, the JVM and every Python
     # worker together.
-    return subprocess.Popen(command, env=env, cwd=str(settings.state_dir), process_group=0)
+    return subprocess.Popen(command, env=env, cwd=str(state_dir), process_group=0)
 
 
 def ping(settings: ServeSettings) -> bool:

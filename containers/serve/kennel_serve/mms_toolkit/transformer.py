@@ -121,6 +121,11 @@ class KennelTransformer(Transformer):
             self._record(data, answers, context, headers, request_id, worker_s, clock)
         return answers
 
+    @property
+    def metrics_model(self) -> str:
+        """The model label of the request's line (KENNEL_METRICS_MODEL)."""
+        return self.settings.metrics_model
+
     @staticmethod
     def _request_id(headers: dict, context: Any) -> str:
         lowered = {str(key).lower(): value for key, value in headers.items()}
@@ -145,7 +150,7 @@ class KennelTransformer(Transformer):
             sent = sum(len(answer) if isinstance(answer, (str, bytes, bytearray)) else 0 for answer in answers)
             inference_id = next((str(v) for k, v in headers.items() if str(k).lower() == INFERENCE_ID_HEADER), None)
             line = metrics.request_line(request_id=request_id, inference_id=inference_id, status=status,
-                                        model=self.settings.metrics_model, worker_s=worker_s,
+                                        model=self.metrics_model, worker_s=worker_s,
                                         stages_s=clock.seconds, received=received, sent=sent,
                                         emf=self.settings.metrics_emf)
             sys.stdout.write(line + "\n")
@@ -199,7 +204,8 @@ class KennelTransformer(Transformer):
     @staticmethod
     def handle_error(context: Any, inference_exception: BaseInferenceToolkitError, trace: str) -> list[str]:
         status = int(inference_exception.status_code)
-        if status >= 500:
+        # 507 (a multi-model load that memory cannot hold) is SageMaker's cue to unload and retry: it says why.
+        if status >= 500 and status != HTTPStatus.INSUFFICIENT_STORAGE:
             log.error("request failed (HTTP %d): %s\n%s", status, inference_exception.message, trace)
             message = INTERNAL_ERROR_MESSAGE
         else:
