@@ -96,6 +96,11 @@ BENCH_OVERHEAD_ARGS ?=
 bench-overhead: venv image-serve ## serving's metrics and logging: served p50 on vs off, side by side (target < 2%)
 	$(VENV)/bin/kennel-bench-overhead --image $(SERVE_IMAGE) $(BENCH_OVERHEAD_ARGS)
 
+# Extra flags for kennel-bench-multi-model, e.g. BENCH_MME_ARGS='--models 10 --json mme.json'.
+BENCH_MME_ARGS ?=
+bench-multi-model: venv image-serve ## multi-model endpoint: the Nth model's load and memory with its backbone resident, invoke vs /invocations
+	$(VENV)/bin/kennel-bench-multi-model --image $(SERVE_IMAGE) $(BENCH_MME_ARGS)
+
 bench-budget: venv ## request budget: memory and time of each hostile request on a worker's own path (ResNet-50)
 	$(VENV)/bin/kennel-bench-budget
 
