@@ -20,6 +20,14 @@ notebooks) run unchanged against a container on this machine:
   is 400 ValidationError "... not found"; an unsigned request 403, a body over
   6 MB 413, as the runtime answers them.
 
+With --multi-model it stands in for a multi-model endpoint, as SageMaker drives
+one: InvokeEndpoint must name a TargetModel (``NAME.tar.gz``), whose folder is
+``--models-root``/NAME/model in the container (SageMaker downloads and extracts it
+there); a model not loaded yet is loaded first (``POST /models``), and a 507
+unloads the least recently used model and loads again. The request then goes to
+``/models/NAME/invoke``. A TargetModel sent to a single-model endpoint, or none to a
+multi-model one, is a 400 ValidationError.
+
 Requests are not authenticated beyond requiring a SigV4 Authorization header:
 it binds to 127.0.0.1 only. Standard library only.
 """
@@ -44,6 +52,8 @@ CONTAINER_NAME = "primary"
 MAX_BODY_BYTES = 6_291_456  # InvokeEndpoint's limit
 CONTAINER_TIMEOUT_S = 60.0  # what SageMaker allows a container per invocation
 FORWARDED_HEADERS = ("Content-Type", "Accept", "X-Amzn-SageMaker-Custom-Attributes")
+TARGET_MODEL_HEADER = "X-Amzn-SageMaker-Target-Model"
+_TARGET_MODEL = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?)\.tar\.gz$")
 _INVOCATIONS = re.compile(r"^/endpoints/([^/]+)/invocations$")
 _MODEL_ERROR = "ModelError:http://internal.amazon.com/coral/com.amazon.sagemaker/"
 _TIMED_OUT = (f"Your invocation timed out while waiting for a response from container {CONTAINER_NAME}. "
@@ -55,7 +65,8 @@ class LocalRuntime:
 
     def __init__(self, container_url: str, endpoints: Iterable[str] = ("kennel-local",),
                  host: str = "127.0.0.1", port: int = 0, timeout_s: float = CONTAINER_TIMEOUT_S,
-                 log_requests: bool = False) -> None:
+                 log_requests: bool = False, multi_model: bool = False,
+                 models_root: str = "/opt/ml/models") -> None:
         target = urllib.parse.urlsplit(container_url)
         if target.scheme != "http" or not target.hostname:
             raise ValueError(f"container URL must be http://HOST:PORT, got {container_url!r}")
@@ -63,6 +74,10 @@ class LocalRuntime:
         self.endpoints = frozenset(endpoints)
         self.timeout_s = timeout_s
         self.log_requests = log_requests
+        self.multi_model = multi_model
+        self.models_root = models_root.rstrip("/")
+        self.loaded: list[str] = []  # multi-model: least recently used first
+        self.models_lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _handler_class(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -135,22 +150,66 @@ class _RuntimeHandler(BaseHTTPRequestHandler):
             self._drain(length)
             return self._error(413, "ValidationError",
                                f"Request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES} bytes.")
-        self._forward(endpoint, self.rfile.read(length))
-
-    def _forward(self, endpoint: str, body: bytes) -> None:
-        headers = {name: self.headers[name] for name in FORWARDED_HEADERS if self.headers.get(name) is not None}
-        host, port = self.runtime.container
-        connection = http.client.HTTPConnection(host, port, timeout=self.runtime.timeout_s)
+        target = self.headers.get(TARGET_MODEL_HEADER)
+        body = self.rfile.read(length)
+        if not self.runtime.multi_model:
+            if target is not None:
+                return self._error(400, "ValidationError", f"Endpoint {endpoint} is not a multi-model endpoint: "
+                                                           f"it does not take a TargetModel.")
+            return self._forward(endpoint, "/invocations", body)
+        name = _TARGET_MODEL.match(target or "")
+        if name is None:
+            return self._error(400, "ValidationError", f"Endpoint {endpoint} is a multi-model endpoint: name a "
+                                                       f"TargetModel of the form NAME.tar.gz, got {target!r}.")
         try:
-            connection.request("POST", "/invocations", body=body, headers=headers)
-            reply = connection.getresponse()
-            answer = reply.read()
+            failure = self._ensure_loaded(name.group(1))
         except (socket.timeout, TimeoutError):
             return self._model_error(endpoint, 0, _TIMED_OUT)
         except OSError as exc:
             return self._error(503, "ServiceUnavailable", f"The model container could not be reached: {exc}")
+        if failure is not None:
+            return self._model_error(endpoint, *failure)
+        self._forward(endpoint, f"/models/{name.group(1)}/invoke", body)
+
+    def _container(self, method: str, path: str, body: bytes | None = None,
+                   headers: dict[str, str] | None = None) -> tuple[int, http.client.HTTPResponse, bytes]:
+        host, port = self.runtime.container
+        connection = http.client.HTTPConnection(host, port, timeout=self.runtime.timeout_s)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            reply = connection.getresponse()
+            return reply.status, reply, reply.read()
         finally:
             connection.close()
+
+    def _ensure_loaded(self, name: str) -> tuple[int, str] | None:
+        """Load ``name`` as SageMaker would before its first invocation; (status, message) when it cannot."""
+        runtime = self.runtime
+        with runtime.models_lock:
+            if name in runtime.loaded:
+                runtime.loaded.remove(name)
+                runtime.loaded.append(name)
+                return None
+            load = json.dumps({"model_name": name, "url": f"{runtime.models_root}/{name}/model"}).encode()
+            while True:
+                status, _, answer = self._container("POST", "/models", load, {"Content-Type": "application/json"})
+                if status == 507 and runtime.loaded:  # memory: unload the least recently used, try again
+                    self._container("DELETE", f"/models/{runtime.loaded.pop(0)}")
+                    continue
+                if status in (200, 409):
+                    runtime.loaded.append(name)
+                    return None
+                return status, answer.decode("utf-8", "replace")
+
+    def _forward(self, endpoint: str, path: str, body: bytes) -> None:
+        headers = {name: self.headers[name] for name in (*FORWARDED_HEADERS, TARGET_MODEL_HEADER)
+                   if self.headers.get(name) is not None}
+        try:
+            _, reply, answer = self._container("POST", path, body, headers)
+        except (socket.timeout, TimeoutError):
+            return self._model_error(endpoint, 0, _TIMED_OUT)
+        except OSError as exc:
+            return self._error(503, "ServiceUnavailable", f"The model container could not be reached: {exc}")
         if 200 <= reply.status < 300:
             extra = {"X-Amzn-SageMaker-Custom-Attributes": reply.getheader("X-Amzn-SageMaker-Custom-Attributes")}
             return self._send(200, answer, reply.getheader("Content-Type") or "application/octet-stream",
@@ -202,15 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", action="append", help="endpoint name(s) to answer for (default kennel-local)")
     parser.add_argument("--port", type=int, default=8081, help="port on 127.0.0.1 (0: any free port)")
     parser.add_argument("--timeout", type=float, default=CONTAINER_TIMEOUT_S, help="seconds the container may take")
+    parser.add_argument("--multi-model", action="store_true",
+                        help="a multi-model endpoint: requests name a TargetModel NAME.tar.gz, loaded on first use")
+    parser.add_argument("--models-root", default="/opt/ml/models",
+                        help="with --multi-model: where the container sees NAME/model (default /opt/ml/models)")
     args = parser.parse_args(argv)
     try:
         runtime = LocalRuntime(args.container_url, args.endpoint or ["kennel-local"], port=args.port,
-                               timeout_s=args.timeout, log_requests=True)
+                               timeout_s=args.timeout, log_requests=True, multi_model=args.multi_model,
+                               models_root=args.models_root)
     except (ValueError, OSError) as exc:
         print(f"local_runtime: {exc}", file=sys.stderr)
         return 2
     print(f"SageMaker runtime for {', '.join(sorted(runtime.endpoints))} on {runtime.url} "
-          f"-> {args.container_url}/invocations", flush=True)
+          f"-> {args.container_url}{'/models/NAME/invoke' if args.multi_model else '/invocations'}", flush=True)
     try:
         runtime.serve_forever()
     except KeyboardInterrupt:

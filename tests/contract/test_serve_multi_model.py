@@ -184,3 +184,28 @@ def test_a_single_model_endpoint_has_no_models_routes(tmp_path, plugins, models)
         assert load(process, "a", models["a"]).status in (404, 405)
     finally:
         process.stop()
+
+
+def test_the_local_runtime_loads_a_target_model_on_first_use_as_sagemaker_does(server, models, monkeypatch):
+    import boto3
+    import botocore.exceptions
+
+    from kennel_ops.local_runtime import LocalRuntime
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "local")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local")
+    root = models["a"].parent.parent  # NAME/model below it, as SageMaker extracts model.tar.gz
+    with LocalRuntime(server.url, ["mme"], multi_model=True, models_root=str(root)) as runtime:
+        client = boto3.client("sagemaker-runtime", region_name="us-east-1", endpoint_url=runtime.url)
+        http(f"{server.url}/models/c", method="DELETE")  # whatever earlier tests left loaded
+        answer = client.invoke_endpoint(EndpointName="mme", TargetModel="c.tar.gz", Body=PHOTO,
+                                        ContentType="image/jpeg", Accept=JSON_ANSWER)
+        assert len(json.loads(answer["Body"].read())[0]) == 4
+        assert "c" in [m["modelName"] for m in http(f"{server.url}/models").json()["models"]]
+        for target in (None, "c", "../c.tar.gz"):
+            with pytest.raises(botocore.exceptions.ClientError, match="ValidationError.*TargetModel"):
+                client.invoke_endpoint(EndpointName="mme", Body=PHOTO, ContentType="image/jpeg",
+                                       **({"TargetModel": target} if target else {}))
+        with pytest.raises(botocore.exceptions.ClientError, match="ModelError"):
+            client.invoke_endpoint(EndpointName="mme", TargetModel="missing.tar.gz", Body=PHOTO,
+                                   ContentType="image/jpeg")

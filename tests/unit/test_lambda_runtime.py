@@ -183,3 +183,12 @@ def test_the_runtime_refuses_unsigned_requests_and_bodies_over_6_mb(runtime):
     reply = connection.getresponse()
     assert reply.status == 413 and b"exceeds" in reply.read()
     connection.close()
+
+
+def test_a_target_model_on_a_single_model_endpoint_is_a_validation_error(runtime, container):
+    import boto3
+    import botocore.exceptions
+
+    client = boto3.client("sagemaker-runtime")
+    with pytest.raises(botocore.exceptions.ClientError, match="ValidationError.*not a multi-model endpoint"):
+        client.invoke_endpoint(EndpointName=ENDPOINT, TargetModel="dogs.tar.gz", Body=b"x", ContentType="image/jpeg")
