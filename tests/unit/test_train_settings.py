@@ -236,3 +236,15 @@ def test_pipe_mode_is_refused(tmp_path):
         locate_splits(paths)
     paths.input_data_config.write_text(json.dumps({"training": {"TrainingInputMode": "FastFile"}}))
     assert locate_splits(paths).train.name == "train"
+
+
+def test_the_command_line_help_prints_every_setting(capsys):
+    from kennel_train.main import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "98% of the top-1 answers" in text  # a literal % in a setting's help
+    from kennel_train import contract
+    assert all(setting.flag in text for setting in contract.SETTINGS)

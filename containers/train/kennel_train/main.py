@@ -70,7 +70,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
     for setting in contract.SETTINGS:
         default = "auto" if setting.default is None else str(setting.default).lower()
         parser.add_argument(setting.flag, dest=setting.name, metavar="VALUE",
-                            help=f"{setting.help} (default {default}; env {setting.env})")
+                            # argparse formats help with %: a literal one ("98%") must be doubled
+                            help=f"{setting.help} (default {default}; env {setting.env})".replace("%", "%%"))
     args = vars(parser.parse_args(argv))
     base_dir = args.pop("base_dir")
     if base_dir:
