@@ -317,6 +317,7 @@ def run(args: argparse.Namespace) -> dict:
         try:
             print(f"== ramp: {label}", flush=True)
             result = measure(engine, args, settings, sampler, target_name)
+            result.precision = plan.precision
             if container is not None:
                 result.layout = container.effective_layout()
         finally:

@@ -43,6 +43,8 @@ def test_loadtest_finds_the_capacity_and_writes_report_and_plot(tmp_path):
     assert all(0.09 <= s["worker_p50"] <= 0.2 for s in steps)  # the server's Server-Timing, read per request
     assert all(0 <= s["client_cpu_percent"] < 200 and s["host_load"] >= 0 for s in steps)
     assert all(s["cpu_percent"] is None for s in steps)  # no container named: not measured, not invented
+    assert report["configurations"][0]["precision"] == "int8; setting=auto; speedup=2.50"  # the graph that served
+    assert "answered by the INT8 graph" in out
     assert report["best_configuration"]["label"] == "image defaults"
     assert report["settings"]["payload"]["images"] == 2
     assert report["settings"]["engine"].startswith("locust ")

@@ -29,6 +29,7 @@ class ConfigurationResult:
     notes: list[str] = field(default_factory=list)
     layout: dict[str, int] | None = None  # what the server chose: {"workers": 2, "threads": 1, "solo_threads": 2}
     cloudwatch: dict[str, Any] | None = None  # a SageMaker endpoint's own metrics for the run (endpoint_metrics)
+    precision: str | None = None  # the graph that answered (X-Kennel-Precision: "int8; setting=auto; ..."), if said
 
     @property
     def label(self) -> str:
@@ -58,7 +59,7 @@ class ConfigurationResult:
 
     def to_json(self) -> dict[str, Any]:
         best = self.best_step
-        return {"label": self.label, "settings": self.settings, "layout": self.layout,
+        return {"label": self.label, "settings": self.settings, "layout": self.layout, "precision": self.precision,
                 "stopped_because": self.stopped_because,
                 "max_sustainable_rps": self.max_rate,
                 "at_concurrency": best.concurrency if best else None,
@@ -162,6 +163,9 @@ def summary_text(report: dict[str, Any]) -> str:
     lines.append(f"max sustainable rate: {report['max_sustainable_rps']:.2f} requests/s per instance "
                  f"({best['label']}, {best['at_concurrency']} concurrent clients, "
                  f"p99 {_ms(best['latency_at_max_s']['p99'])} ms)")
+    if best.get("precision"):  # an INT8 and an FP32 run size different instance counts: say which this was
+        lines.append(f"answered by the {best['precision'].split(';')[0].strip().upper()} graph "
+                     f"(X-Kennel-Precision: {best['precision']})")
     if best.get("requests_per_cpu_second_at_max"):
         lines.append(f"container CPU at that rate: {best['cpu_percent_at_max']:.0f}% of one core, "
                      f"{best['requests_per_cpu_second_at_max']:.2f} requests per CPU-second")

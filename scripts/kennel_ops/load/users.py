@@ -48,6 +48,7 @@ class LoadPlan:
     left: int = 0  # requests this step may still start
     in_flight: int = 0
     sent: int = 0  # requests started over the whole run (picks the next body)
+    precision: str | None = None  # X-Kennel-Precision of the last answer: the graph that served
 
     def open_step(self, duration_s: float, max_requests: int) -> None:
         self.deadline, self.left = time.monotonic() + duration_s, max_requests
@@ -108,6 +109,7 @@ class KennelHttpUser(FastHttpUser):
                         response.failure(problem)
                     else:
                         response.success()
+                        self.plan.precision = response.headers.get("X-Kennel-Precision") or self.plan.precision
 
 
 def runtime_error(error: Exception) -> str:
