@@ -173,6 +173,9 @@ class FrontHandler(BaseHTTPRequestHandler):
     server: MultiModelFront
     server_version = "kennel"
     sys_version = ""
+    # A connection that sends nothing for this long is closed: a client trickling a request
+    # (or idling on keep-alive) cannot hold a thread for ever.
+    timeout = 120
 
     # ------------------------------------------------------------------ dispatch
 
