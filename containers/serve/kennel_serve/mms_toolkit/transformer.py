@@ -90,6 +90,7 @@ class KennelTransformer(Transformer):
         self.settings = settings
         self._activity = activity or WorkerActivity(settings.state_dir)
         self._counts = metrics.WorkerCounts()  # this worker's, since it started
+        self._counts_file = metrics.CountsFile(settings.state_dir)
 
     def transform(self, data: list, context: Any) -> list:
         began = time.perf_counter()
@@ -151,7 +152,7 @@ class KennelTransformer(Transformer):
             sys.stdout.write(line + "\n")
             sys.stdout.flush()  # a pipe to MMS: without it lines arrive in blocks, late
             self._counts.add(status, worker_s, clock.seconds, received, sent)
-            self._counts.write(self.settings.state_dir)
+            self._counts_file.write(self._counts)
         except Exception:  # noqa: BLE001 (the client has its answer whatever happens here)
             log.exception("could not record request %s", request_id)
 
