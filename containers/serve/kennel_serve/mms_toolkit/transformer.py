@@ -21,7 +21,7 @@ the log only), marks the worker busy while it works (activity.py), and tells the
 client how long the worker took: a W3C ``Server-Timing: worker;dur=<ms>`` header on
 every answer, so a client can tell the model's time from the time its request waited
 in the server's queue, and which graph answered: ``X-Kennel-Precision: int8; setting=auto;
-speedup=2.41`` (kennel_serve.precision). With KENNEL_METRICS on, Server-Timing goes on
+speedup=2.41`` (kennel_serve.precision). With KENNEL_METRICS on (the default), Server-Timing goes on
 with one entry per stage
 (kennel_serve.metrics.STAGES). Every answer, errors too, carries ``X-Kennel-Request-Id``:
 SageMaker's X-Amzn-RequestId, else the client's X-Amzn-SageMaker-Inference-Id,
