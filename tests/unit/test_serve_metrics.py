@@ -60,14 +60,15 @@ def test_the_request_line_is_json_with_bounded_emf_dimensions_and_no_payload():
 
 
 def test_worker_files_sum_to_the_totals(tmp_path):
-    for pid_counts in range(3):
+    for pid in range(3):
         counts = metrics.WorkerCounts()
         for status in (200, 200, 400):
             counts.add(status, 0.03, dict.fromkeys(metrics.STAGES, 0.005), 100, 50)
-        folder = tmp_path / metrics.METRICS_DIR
-        folder.mkdir(exist_ok=True)
-        (folder / f"{1000 + pid_counts}.json").write_text(json.dumps(counts.to_json()))
-    (tmp_path / metrics.METRICS_DIR / "9.json").write_text("{not json")  # skipped, not fatal
+        counts_file = metrics.CountsFile(tmp_path)
+        counts_file.write(counts)  # as the worker of that pid wrote it
+        os.replace(tmp_path / metrics.METRICS_DIR / f"{os.getpid()}{metrics.COUNTS_SUFFIX}",
+                   tmp_path / metrics.METRICS_DIR / f"{1000 + pid}{metrics.COUNTS_SUFFIX}")
+    (tmp_path / metrics.METRICS_DIR / f"9{metrics.COUNTS_SUFFIX}").write_text("{not json")  # skipped, not fatal
     total = metrics.read_all_workers(tmp_path)
     assert total.answers == {"2xx": 6, "4xx": 3} and total.worker.count == 9
     assert total.received_bytes == 900 and total.stages["forward"].sum == pytest.approx(0.045)
@@ -77,6 +78,24 @@ def test_worker_files_sum_to_the_totals(tmp_path):
     assert 'kennel_request_seconds_bucket{model="kennel",le="0.025"} 0' in text
     assert 'kennel_request_seconds_bucket{model="kennel",le="0.05"} 9' in text
     assert "kennel_busy_workers{model=\"kennel\"} 1" in text and "kennel_resident_memory_bytes" in text
+
+
+def test_the_counts_file_is_rewritten_in_place_and_a_half_written_one_is_refused(tmp_path):
+    counts, counts_file = metrics.WorkerCounts(), metrics.CountsFile(tmp_path)
+    path = tmp_path / metrics.METRICS_DIR / f"{os.getpid()}{metrics.COUNTS_SUFFIX}"
+    counts.add(200, 123.456789, dict.fromkeys(metrics.STAGES, 1 / 3), 10, 10)
+    counts_file.write(counts)
+    inode, longer = path.stat().st_ino, path.stat().st_size
+    shorter = metrics.WorkerCounts(answers={"2xx": 1})  # a shorter record than the one before
+    counts_file.write(shorter)
+    assert path.stat().st_ino == inode and path.stat().st_size == longer  # same file, padded
+    assert metrics.read_counts(path) == shorter
+    whole = path.read_bytes()
+    torn = whole.replace(b'"2xx":1', b'"2xx":7')  # what a reader may catch while a write is under way
+    path.write_bytes(torn)
+    with pytest.raises(ValueError):
+        metrics.read_counts(path)
+    assert metrics.read_all_workers(tmp_path).answers == {}  # skipped this scrape, read again at the next
 
 
 def test_resident_memory_covers_this_process():

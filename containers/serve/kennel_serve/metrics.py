@@ -14,9 +14,16 @@ After each request the worker (mms_toolkit/transformer.py):
   ``_aws`` key that makes CloudWatch read its numbers as metrics (Embedded Metric
   Format); the dimensions are the model name and the status class only, so the
   number of metrics is bounded whatever the traffic.
-- adds the request to its WorkerCounts and writes them to ``metrics/<pid>.json`` in
-  the state dir (atomically: a reader sees the previous or the new file, never a
-  part). metrics_endpoint.py sums every worker's file into Prometheus text.
+- adds the request to its WorkerCounts and writes them to ``metrics/<pid>.counts`` in
+  the state dir (CountsFile). metrics_endpoint.py sums every worker's file into
+  Prometheus text.
+
+The file is rewritten in place, one pwrite on a descriptor the worker keeps open:
+a few microseconds. Replacing it (a new file renamed over the old) cost a
+millisecond or more per request on ext4 and overlayfs, which flush a file renamed
+over another (docs/benchmarks.md, "Metrics and logging overhead"). A reader may
+catch a write half done, so each write carries the CRC-32 of its JSON, and a
+reader that finds a mismatch reads again.
 
 Proved by: tests/unit/test_serve_metrics.py,
 tests/contract/test_serve_observability.py.
@@ -27,6 +34,7 @@ import contextlib
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +46,7 @@ STAGES = ("read", "fetch", "decode", "preprocess", "forward", "render")
 # Histogram upper bounds, seconds: a millisecond up to the 60 s request timeout.
 BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 METRICS_DIR = "metrics"
+COUNTS_SUFFIX = ".counts"
 EMF_NAMESPACE = "kennel/Endpoint"
 # The EMF metric of each stage (milliseconds), as the line carries it.
 STAGE_METRICS = {stage: f"{stage.capitalize()}Time" for stage in STAGES}
@@ -140,22 +149,57 @@ class WorkerCounts:
         self.received_bytes += other.received_bytes
         self.sent_bytes += other.sent_bytes
 
-    def write(self, state_dir: Path) -> None:
-        """metrics/<pid>.json, replaced atomically; best effort (a request never fails for it)."""
-        folder = Path(state_dir) / METRICS_DIR
+
+class CountsFile:
+    """This worker's ``metrics/<pid>.counts``: "<crc32 of the JSON, 8 hex digits> <JSON>", space-padded.
+
+    Written in place (see the module's docstring); the padding covers whatever a
+    longer previous write left. Best effort: a request never fails for it.
+    """
+
+    def __init__(self, state_dir: Path):
+        self._dir = Path(state_dir) / METRICS_DIR
+        self._pid: int | None = None
+        self._fd: int | None = None
+        self._length = 0  # of the longest write so far
+
+    def _descriptor(self) -> int | None:
+        if self._pid != os.getpid():  # MMS forks workers: each writes its own file
+            self._pid, self._fd, self._length = os.getpid(), None, 0
+            with contextlib.suppress(OSError):
+                self._dir.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self._dir / f"{self._pid}{COUNTS_SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                                   0o644)
+        return self._fd
+
+    def write(self, counts: WorkerCounts) -> None:
+        fd = self._descriptor()
+        if fd is None:
+            return
+        body = json.dumps(counts.to_json(), separators=(",", ":")).encode()
+        record = b"%08x %s" % (zlib.crc32(body), body)
+        length = len(record)
         with contextlib.suppress(OSError):
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(self.to_json()))
-            os.replace(tmp, folder / f"{os.getpid()}.json")
+            os.pwrite(fd, record.ljust(self._length), 0)
+            self._length = max(self._length, length)
+
+
+def read_counts(path: Path, attempts: int = 5) -> WorkerCounts:
+    """One worker's counts; ValueError if no read in ``attempts`` found a whole write."""
+    for _ in range(attempts):
+        head, _, body = path.read_bytes().partition(b" ")
+        body = body.rstrip(b" ")
+        if len(head) == 8 and body and int(head, 16) == zlib.crc32(body):
+            return WorkerCounts.from_json(json.loads(body))
+    raise ValueError(f"{path} holds no whole record")
 
 
 def read_all_workers(state_dir: Path) -> WorkerCounts:
     """The sum of every worker's file, those of workers that have ended too (counters never go down)."""
     total = WorkerCounts()
-    for path in sorted((Path(state_dir) / METRICS_DIR).glob("*.json")):
+    for path in sorted((Path(state_dir) / METRICS_DIR).glob(f"*{COUNTS_SUFFIX}")):
         try:
-            total.merge(WorkerCounts.from_json(json.loads(path.read_text())))
+            total.merge(read_counts(path))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable: skipped this once, the next scrape reads it again
     return total

@@ -87,8 +87,8 @@ SETTINGS: tuple[EnvSetting, ...] = (
     EnvSetting("KENNEL_URL_MAX_BYTES", str(10 * MIB), "bytes per fetched image"),
     EnvSetting("KENNEL_URL_MAX_REDIRECTS", "3", "redirects per URL, each checked like the first URL"),
     EnvSetting("KENNEL_DRAIN_TIMEOUT_S", "20", "longest wait for in-flight requests on SIGTERM (at most 25)"),
-    EnvSetting("KENNEL_METRICS", "false", "`true`: a log line per request, stage timings in `Server-Timing` and "
-               "the metrics below (off until the overhead benchmark meets its target: docs/benchmarks.md); "
+    EnvSetting("KENNEL_METRICS", "true", "a log line per request, stage timings in `Server-Timing` and the "
+               "metrics below (their cost: docs/benchmarks.md); `false`: none of them, while "
                "`Server-Timing: worker` and `X-Kennel-Request-Id` are always there"),
     EnvSetting("KENNEL_METRICS_PORT", "9100", "port of the Prometheus text endpoint `GET /metrics`, off the "
                "client port; `0`: none (compose publishes it as `KENNEL_METRICS_HOST_PORT`)", compose=False),
@@ -158,7 +158,7 @@ class ServeSettings:
     state_dir: Path = Path("/tmp/kennel-serve")
     mms_plugins: Path | None = None
     vmargs: str = DEFAULT_VMARGS
-    metrics: bool = False
+    metrics: bool = False  # the environment's default is on (from_env)
     metrics_port: int = 0  # 0: no Prometheus endpoint (the environment's default is METRICS_PORT)
     metrics_emf: bool = False
     metrics_model: str = "kennel"
@@ -216,7 +216,7 @@ class ServeSettings:
             state_dir=Path(read.text("KENNEL_SERVE_STATE_DIR", "/tmp/kennel-serve")),
             mms_plugins=Path(plugins) if plugins else None,
             vmargs=read.text("SAGEMAKER_MODEL_SERVER_VMARGS", DEFAULT_VMARGS),
-            metrics=read.flag("KENNEL_METRICS", False),
+            metrics=read.flag("KENNEL_METRICS", True),
             metrics_port=metrics_port,
             metrics_emf=read.flag("KENNEL_METRICS_EMF", True),
             metrics_model=_metric_label(read.text("KENNEL_METRICS_MODEL", "kennel")),

@@ -188,6 +188,8 @@ class ServedOnHost:
                     "KENNEL_BIND_ADDRESS": "127.0.0.1", "KENNEL_SERVE_STATE_DIR": str(self.state),
                     "KENNEL_MMS_PLUGINS": str(plugins),
                     "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("containers/artifact", "containers/serve")),
+                    # No Prometheus port: two of these run at once (the original's and kennel's).
+                    "KENNEL_METRICS_PORT": "0",
                     **env}
         self.started = time.monotonic()
         self.process = subprocess.Popen([sys.executable, "-m", "kennel_serve", "serve"], env=full_env,

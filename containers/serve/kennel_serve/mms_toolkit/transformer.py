@@ -21,7 +21,7 @@ the log only), marks the worker busy while it works (activity.py), and tells the
 client how long the worker took: a W3C ``Server-Timing: worker;dur=<ms>`` header on
 every answer, so a client can tell the model's time from the time its request waited
 in the server's queue, and which graph answered: ``X-Kennel-Precision: int8; setting=auto;
-speedup=2.41`` (kennel_serve.precision). With KENNEL_METRICS on, Server-Timing goes on
+speedup=2.41`` (kennel_serve.precision). With KENNEL_METRICS on (the default), Server-Timing goes on
 with one entry per stage
 (kennel_serve.metrics.STAGES). Every answer, errors too, carries ``X-Kennel-Request-Id``:
 SageMaker's X-Amzn-RequestId, else the client's X-Amzn-SageMaker-Inference-Id,
@@ -90,6 +90,7 @@ class KennelTransformer(Transformer):
         self.settings = settings
         self._activity = activity or WorkerActivity(settings.state_dir)
         self._counts = metrics.WorkerCounts()  # this worker's, since it started
+        self._counts_file = metrics.CountsFile(settings.state_dir)
 
     def transform(self, data: list, context: Any) -> list:
         began = time.perf_counter()
@@ -156,7 +157,7 @@ class KennelTransformer(Transformer):
             sys.stdout.write(line + "\n")
             sys.stdout.flush()  # a pipe to MMS: without it lines arrive in blocks, late
             self._counts.add(status, worker_s, clock.seconds, received, sent)
-            self._counts.write(self.settings.state_dir)
+            self._counts_file.write(self._counts)
         except Exception:  # noqa: BLE001 (the client has its answer whatever happens here)
             log.exception("could not record request %s", request_id)
 
