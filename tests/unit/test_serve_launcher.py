@@ -3,6 +3,8 @@ import importlib
 import json
 from pathlib import Path
 
+import pytest
+
 from kennel_serve.mms_toolkit import launcher, mms_config
 from kennel_serve.settings import ServeSettings
 
@@ -83,3 +85,20 @@ def test_reset_state_dir_removes_what_a_killed_server_left(tmp_path):
     (state / "failed").write_text("old")
     launcher.reset_state_dir(state)
     assert sorted(p.name for p in state.rglob("*")) == ["tmp"]
+
+
+def test_a_taken_default_metrics_port_is_a_warning_and_a_named_one_stops_serve(monkeypatch, caplog):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr("kennel_serve.settings.METRICS_PORT", port)
+        default = settings(KENNEL_BIND_ADDRESS="127.0.0.1")
+        assert default.metrics_port == port and not default.metrics_port_required
+        launcher.start_metrics(default)  # goes on without the endpoint
+        assert f"no Prometheus endpoint: 127.0.0.1:{port} is taken" in caplog.text
+        named = settings(KENNEL_BIND_ADDRESS="127.0.0.1", KENNEL_METRICS_PORT=str(port))
+        with pytest.raises(launcher.ServeError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            launcher.start_metrics(named)

@@ -91,7 +91,8 @@ SETTINGS: tuple[EnvSetting, ...] = (
                "metrics below (their cost: docs/benchmarks.md); `false`: none of them, while "
                "`Server-Timing: worker` and `X-Kennel-Request-Id` are always there"),
     EnvSetting("KENNEL_METRICS_PORT", "9100", "port of the Prometheus text endpoint `GET /metrics`, off the "
-               "client port; `0`: none (compose publishes it as `KENNEL_METRICS_HOST_PORT`)", compose=False),
+               "client port; `0`: none (compose publishes it as `KENNEL_METRICS_HOST_PORT`); when it is not set and "
+               "9100 is taken, serve goes on without the endpoint (a warning says so)", compose=False),
     EnvSetting("KENNEL_METRICS_EMF", "true (compose: false)",
                "CloudWatch Embedded Metric Format keys in each request's log line"),
     EnvSetting("KENNEL_METRICS_MODEL", "`kennel`", "the `Model` dimension / `model` label of every metric"),
@@ -160,6 +161,7 @@ class ServeSettings:
     vmargs: str = DEFAULT_VMARGS
     metrics: bool = False  # the environment's default is on (from_env)
     metrics_port: int = 0  # 0: no Prometheus endpoint (the environment's default is METRICS_PORT)
+    metrics_port_required: bool = False  # KENNEL_METRICS_PORT was set: failing to bind it stops serve
     metrics_emf: bool = False
     metrics_model: str = "kennel"
     url: UrlFetchSettings = field(default_factory=UrlFetchSettings)
@@ -218,6 +220,7 @@ class ServeSettings:
             vmargs=read.text("SAGEMAKER_MODEL_SERVER_VMARGS", DEFAULT_VMARGS),
             metrics=read.flag("KENNEL_METRICS", True),
             metrics_port=metrics_port,
+            metrics_port_required=bool(env.get("KENNEL_METRICS_PORT", "").strip()),
             metrics_emf=read.flag("KENNEL_METRICS_EMF", True),
             metrics_model=_metric_label(read.text("KENNEL_METRICS_MODEL", "kennel")),
             url=UrlFetchSettings(

@@ -37,8 +37,8 @@ import gc
 import logging
 import os
 import secrets
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -96,6 +96,23 @@ def check_model_serves(settings: ServeSettings) -> None:
     gc.collect()
 
 
+def start_metrics(settings: ServeSettings) -> None:
+    """The Prometheus endpoint, when metrics are on. Only a port the operator named must bind: the
+    default 9100 may be another exporter's (host networking, containers sharing a network)."""
+    if not (settings.metrics and settings.metrics_port):
+        return
+    from kennel_serve.metrics_endpoint import start_metrics_endpoint
+    try:
+        start_metrics_endpoint(settings)
+    except OSError as exc:
+        where = f"{settings.bind_address}:{settings.metrics_port}"
+        if settings.metrics_port_required:
+            raise ServeError(f"cannot serve metrics on {where} (KENNEL_METRICS_PORT; 0: none): "
+                             f"{exc.strerror or exc}") from None
+        log.warning("no Prometheus endpoint: %s is taken (%s); set KENNEL_METRICS_PORT to another port, or 0",
+                    where, exc.strerror or exc)
+
+
 def loopback_port(avoid: set[int]) -> int:
     """A free port on 127.0.0.1 for MMS behind the multi-model routes (MMS refuses 32767 and up)."""
     for port in range(28080, 28180):
@@ -137,13 +154,7 @@ def main() -> int:
                             if path is not None]
             sys.path[:0] = [str(path) for path in python_paths]
             check_model_serves(settings)
-        if settings.metrics and settings.metrics_port:
-            from kennel_serve.metrics_endpoint import start_metrics_endpoint
-            try:
-                start_metrics_endpoint(settings)
-            except OSError as exc:
-                raise ServeError(f"cannot serve metrics on {settings.bind_address}:{settings.metrics_port} "
-                                 f"(KENNEL_METRICS_PORT; 0: none): {exc.strerror or exc}") from None
+        start_metrics(settings)
     except (SettingsError, ServeError) as exc:
         print(f"kennel-serve: {exc}", file=sys.stderr, flush=True)
         return 1
