@@ -26,7 +26,7 @@ Why not a route in the MMS plugin (mms-plugin/): MMS runs plugin endpoints on an
 thread after its Netty handler has released the request, so a plugin reading a body
 races the buffer's reuse (multi-model-server 1.1.11, HttpRequestHandlerChain.handleCustomEndpoint).
 
-Proved by: tests/contract/test_serve_multi_model.py, tests/unit/test_serve_multi_model.py.
+Proved by: tests/contract/test_serve_multi_model.py, tests/unit/test_serve_multi_model_host.py.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ are invoked at /models/NAME/invoke.
   runs exactly the path /invocations runs on a single-model endpoint (screening,
   decode, preprocess with this model's preprocessing, forward, render, errors).
 
-Proved by: tests/contract/test_serve_multi_model.py, tests/unit/test_serve_multi_model.py.
+Proved by: tests/contract/test_serve_multi_model.py, tests/unit/test_serve_multi_model_host.py.
 """
 from __future__ import annotations
 
