@@ -160,3 +160,16 @@ def test_the_routes_registry_lists_loaded_models_in_pages_and_writes_them_for_th
     assert len({entry.token for entry in entries.values()}) == 4
     assert registry.remove("a") and not registry.remove("a")
     assert sorted(json.loads((tmp_path / "models.json").read_text())["models"]) == ["b", "c"]
+
+
+def test_the_endpoints_load_makes_room_for_every_worker_and_a_workers_first_request_for_its_own(
+        tmp_path, models, monkeypatch):
+    settings = ServeSettings(model_dir=tmp_path / "none", state_dir=tmp_path / "state", workers=2, multi_model=True)
+    settings.state_dir.mkdir()
+    host = MultiModelHost(settings, watch=False)
+    one_copy = int((models["c"] / kennel_artifact.ONNX_FILE).stat().st_size * multi_model.RESIDENT_PER_FILE_BYTE)
+    monkeypatch.setattr(multi_model, "MEMORY_WAIT_S", 0.0)
+    monkeypatch.setattr(multi_model, "available_memory", lambda: multi_model.MEMORY_RESERVE + one_copy + 1024)
+    with pytest.raises(InsufficientMemory, match="for 2 worker"):
+        host.load("c", str(models["c"]), "1")  # POST /models: both workers will hold it
+    assert isinstance(host.get("c", str(models["c"]), "1"), engine.KennelModel)  # the other worker's lazy load

@@ -172,10 +172,15 @@ class MultiModelHost:
             loaded = self.models.get(name)
             if loaded is not None and loaded.token == token:
                 return loaded.model
-        return self.load(name, url, token)
+        return self.load(name, url, token, for_every_worker=False)
 
-    def load(self, name: str, url: str, token: str) -> SharedBackboneModel | engine.KennelModel:
-        """Load (or reload) ``name`` from ``url``; ArtifactError, InsufficientMemory or OSError say why not."""
+    def load(self, name: str, url: str, token: str,
+             for_every_worker: bool = True) -> SharedBackboneModel | engine.KennelModel:
+        """Load (or reload) ``name`` from ``url``; ArtifactError, InsufficientMemory or OSError say why not.
+
+        ``for_every_worker``: the endpoint's load, which must leave room for every worker's copy;
+        a worker loading at its first request needs room for its own copy only (the load made room).
+        """
         model_dir = Path(url)
         started = time.perf_counter()
         with self._lock:
@@ -187,7 +192,8 @@ class MultiModelHost:
                                     f"serves kennel models with the built-in handlers; serve it on an endpoint of "
                                     f"its own")
             resident = manifest.backbone is not None and manifest.backbone["sha256"] in self.backbones
-            self._check_memory(name, model_dir, manifest, resident)
+            self._check_memory(name, model_dir, manifest, resident,
+                               self.settings.workers if for_every_worker else 1)
             if manifest.shares_backbone:
                 model = self._load_shared(model_dir, resident)
             else:
@@ -230,15 +236,15 @@ class MultiModelHost:
 
     # ------------------------------------------------------------------ memory
 
-    def _check_memory(self, name: str, model_dir: Path, manifest: Manifest, resident: bool) -> None:
-        """Refuse a load the container's memory cannot hold, once every worker has loaded it."""
+    def _check_memory(self, name: str, model_dir: Path, manifest: Manifest, resident: bool, copies_of: int) -> None:
+        """Refuse a load the container's memory cannot hold, once ``copies_of`` workers have loaded it."""
         if manifest.shares_backbone:
             files = [kennel_artifact.HEAD_FILE] + ([] if resident else [kennel_artifact.BACKBONE_FILE])
         else:
             files = [kennel_artifact.ONNX_FILE]
         per_worker = sum((model_dir / f).stat().st_size for f in files if (model_dir / f).exists())
         copies = 2 if self.settings.solo_threads > self.settings.ort_threads and not resident else 1
-        need = int(per_worker * RESIDENT_PER_FILE_BYTE * copies * self.settings.workers) + MEMORY_RESERVE
+        need = int(per_worker * RESIDENT_PER_FILE_BYTE * copies * copies_of) + MEMORY_RESERVE
         deadline = time.monotonic() + MEMORY_WAIT_S
         while True:
             free = available_memory()
@@ -246,7 +252,7 @@ class MultiModelHost:
                 return
             if time.monotonic() >= deadline:  # other workers may still be dropping unloaded models
                 raise InsufficientMemory(f"not enough memory to load model {name}: it needs about {need // MIB} MiB "
-                                         f"with {self.settings.workers} worker(s), {free // MIB} MiB are free")
+                                         f"for {copies_of} worker(s), {free // MIB} MiB are free")
             time.sleep(0.1)
 
     # ------------------------------------------------------------------ unloading
