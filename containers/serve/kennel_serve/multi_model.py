@@ -74,7 +74,6 @@ class Backbone:
                              if solo_threads > threads else None)
         self.others_busy = others_busy
         self.input_shape = self.session.get_inputs()[0].shape
-        self.users: set[str] = set()
         self.warm = False
 
     def features(self, batch: np.ndarray) -> np.ndarray:
@@ -223,13 +222,10 @@ class MultiModelHost:
                                 self.settings.solo_threads, self._others_busy)
             self.backbones[identity] = backbone
         try:
-            model = SharedBackboneModel(manifest, backbone, model_dir / kennel_artifact.HEAD_FILE)
+            return SharedBackboneModel(manifest, backbone, model_dir / kennel_artifact.HEAD_FILE)
         except BaseException:
-            if not backbone.users:
-                del self.backbones[identity]
+            self._drop_if_unused(backbone)
             raise
-        backbone.users.add(str(model_dir))
-        return model
 
     def _others_busy(self) -> bool:
         return busy_workers(self.settings.state_dir) > 1
@@ -286,11 +282,13 @@ class MultiModelHost:
 
     def _release(self, model: SharedBackboneModel | engine.KennelModel) -> None:
         if isinstance(model, SharedBackboneModel):
-            backbone = model.backbone
-            still_used = any(isinstance(other.model, SharedBackboneModel) and other.model.backbone is backbone
-                             for other in self.models.values())
-            if not still_used:
-                self.backbones.pop(backbone.identity, None)  # the last user: its memory goes back
+            self._drop_if_unused(model.backbone)
+
+    def _drop_if_unused(self, backbone: Backbone) -> None:
+        """A backbone no loaded model uses any more gives its memory back."""
+        if not any(isinstance(other.model, SharedBackboneModel) and other.model.backbone is backbone
+                   for other in self.models.values()):
+            self.backbones.pop(backbone.identity, None)
 
     def _watch(self) -> None:
         while True:

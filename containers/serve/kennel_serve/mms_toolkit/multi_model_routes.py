@@ -93,9 +93,9 @@ class Registry:
         with self._lock:
             if ok:
                 entry.loaded = True
+                self._write()  # a failed load was never listed: nothing to write
             elif self.models.get(name) is entry:
                 del self.models[name]
-            self._write()
 
     def remove(self, name: str) -> bool:
         with self._lock:
