@@ -14,6 +14,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionE
 
 from kennel_ops.aws import (add_model, autoscale, dashboard, deploy, function, invoke_async, list_models, push, role,
                             teardown, train, tune)
+from kennel_ops.aws.arguments import argument_type
 from kennel_ops.aws.context import CliError, DryRunViolation
 from kennel_ops.aws.names import valid_name
 
@@ -48,11 +49,7 @@ def key_values(text: str) -> dict[str, str]:
     return pairs
 
 
-def name_type(text: str) -> str:
-    try:
-        return valid_name(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+name_type = argument_type(valid_name)
 
 
 def shared_flags() -> argparse.ArgumentParser:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 
 from kennel_ops.aws.async_layout import AsyncLayout, layout_from_flag, topic_arn
+from kennel_ops.aws.arguments import argument_type
 from kennel_ops.aws.context import Aws, CliError, describe_or_none
 from kennel_ops.aws.ecr import newest_image_uri
 from kennel_ops.aws.endpoint_role import (MULTI_MODEL, SINGLE_MODEL, ensure_endpoint_role, planned_role_arn,
@@ -136,11 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wait.add_argument("--wait-minutes", type=float, default=60.0, help="give up waiting after (%(default)s)")
 
 
-def topic_arn_type(text: str) -> str:
-    try:
-        return topic_arn(text)
-    except CliError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+topic_arn_type = argument_type(topic_arn, errors=(CliError,))
 
 
 def hosting_kind(args: argparse.Namespace) -> str:

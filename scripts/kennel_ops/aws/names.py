@@ -11,7 +11,6 @@ checks callers against (kennel_lambda_events.TARGET_MODEL): NAME.tar.gz.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -20,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from kennel_lambda_events import TARGET_MODEL, TARGET_MODEL_RULE, TARGET_MODEL_SUFFIX
+from kennel_ops.aws.arguments import argument_type
 
 # Leaves room for the longest suffix within SageMaker's 63-character names.
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,39}$")
@@ -50,12 +50,7 @@ def valid_target_model(value: str) -> str:
     return value
 
 
-def target_model_type(text: str) -> str:
-    """argparse type: --target-model NAME.tar.gz."""
-    try:
-        return valid_target_model(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+target_model_type = argument_type(valid_target_model)  # --target-model NAME.tar.gz
 
 
 def content_digest(content: Any, length: int = 10) -> str:

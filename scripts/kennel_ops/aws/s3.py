@@ -2,10 +2,10 @@
 that a data prefix holds objects."""
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass
 
+from kennel_ops.aws.arguments import argument_type
 from kennel_ops.aws.context import Aws
 
 BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -40,12 +40,12 @@ def parse_s3_uri(text: str) -> S3Uri:
     return S3Uri(bucket, key)
 
 
-def s3_uri(text: str) -> S3Uri:
-    """argparse type: a folder-like S3 URI."""
-    try:
-        return parse_s3_uri(text).folder()
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def s3_folder(text: str) -> S3Uri:
+    """A folder-like S3 URI (ValueError when it is not an S3 URI)."""
+    return parse_s3_uri(text).folder()
+
+
+s3_uri = argument_type(s3_folder)  # argparse type: a folder-like S3 URI
 
 
 def models_prefix(text: str) -> S3Uri:
@@ -62,12 +62,7 @@ def models_prefix(text: str) -> S3Uri:
     return uri
 
 
-def models_prefix_type(text: str) -> S3Uri:
-    """argparse type: models_prefix."""
-    try:
-        return models_prefix(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+models_prefix_type = argument_type(models_prefix)
 
 
 def has_objects(aws: Aws, uri: S3Uri) -> bool:
