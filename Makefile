@@ -88,8 +88,13 @@ BENCH_SERVE_ARGS ?=
 bench-serve: venv image-serve ## serving benchmark: latency and throughput vs in-process and the original, cold start, size
 	$(VENV)/bin/kennel-bench-serve --image $(SERVE_IMAGE) $(BENCH_SERVE_ARGS)
 
-bench-int8: venv ## INT8 against FP32 side by side: accuracy on DATA's splits, throughput, latency (MODEL=dir with model.int8.onnx DATA=dataset)
-	$(VENV)/bin/kennel-bench-int8 --model $(MODEL) --data $(DATA)
+# MODEL=dir (holding model.int8.onnx) and DATA=dataset compare a trained model, its accuracy
+# included; without MODEL a random-weight ResNet-50 of the original's shape.
+# Extra flags for kennel-bench-int8, e.g. BENCH_INT8_ARGS='--layouts 2x1/2 --rounds 4'.
+BENCH_INT8_ARGS ?=
+bench-int8: venv image-serve ## INT8 against FP32 side by side: accuracy, engine and served throughput and p50 per layout
+	$(VENV)/bin/kennel-bench-int8 --image $(SERVE_IMAGE) $(if $(MODEL),--model $(MODEL),--random resnet50) \
+	  $(if $(DATA),--data $(DATA)) $(BENCH_INT8_ARGS)
 
 # Extra flags for kennel-bench-overhead, e.g. BENCH_OVERHEAD_ARGS='--rounds 10 --requests 200'.
 BENCH_OVERHEAD_ARGS ?=

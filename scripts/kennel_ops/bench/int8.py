@@ -27,14 +27,18 @@ import sys
 import time
 from pathlib import Path
 
+import tempfile
+import urllib.request
+
 import numpy as np
 from PIL import Image
 
 import kennel_artifact
 from kennel_serve.engine import KennelModel
-from kennel_train import data, quantize
+from kennel_train import data, quantize, sample
 
 GRAPHS = ("fp32", "int8")
+CALIBRATION_IMAGES = 200
 
 
 def photo() -> Image.Image:
@@ -94,6 +98,62 @@ def alone(model_dir: Path, graph: str, threads: int, calls: int = 20) -> float:
     return statistics.median(times)
 
 
+def random_int8_model(model_dir: Path, architecture: str, scratch: Path) -> Path:
+    """A random-weight model of the original's shape with an ungated INT8 graph (see the module doc)."""
+    from kennel_ops.bench.models import write_random_model
+
+    write_random_model(model_dir, architecture, 133, kennel_artifact.ORIGINAL_EVAL)
+    images = sample.generate(scratch / "calibration", classes=5,
+                             counts={"train": CALIBRATION_IMAGES // 5})
+    manifest = kennel_artifact.read_manifest(model_dir)
+    calibration = [(str(path), 0) for path in sorted((images / "train").rglob("*.jpg"))]
+    count = quantize.quantize(model_dir / kennel_artifact.ONNX_FILE, model_dir / kennel_artifact.INT8_FILE,
+                              calibration, manifest.preprocessing)
+    manifest.int8 = {"shipped": True, "calibration_images": count,
+                     "reason": "kennel-bench-int8 --random: random weights, no gate"}
+    kennel_artifact.write_manifest(model_dir, manifest)
+    return model_dir
+
+
+def answered_by(url: str, payload: bytes) -> str:
+    """The graph named by an answer's X-Kennel-Precision ('int8; setting=int8' -> 'int8')."""
+    request = urllib.request.Request(url, data=payload, headers={"Content-Type": "image/jpeg"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.headers.get("X-Kennel-Precision", "").split(";")[0]
+
+
+def served(model_dir: Path, image: str, layouts: str, rounds: int, requests: int,
+           seconds: float) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """{layout: {graph: {"p50_s": [per round], "throughput": [per round]}}}, the image serving each graph in turn."""
+    from kennel_ops.bench.serve import (ServedImage, first_answer, layout_label, parse_layouts, saturation,
+                                        sequential)
+    from kennel_ops.load.payloads import dog_photos
+
+    payloads = dog_photos(8)
+    results: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for workers, threads, solo in parse_layouts(layouts):
+        label = layout_label(workers, threads, solo)
+        figures = results[label] = {graph: {"p50_s": [], "throughput": []} for graph in GRAPHS}
+        for round_ in range(rounds):
+            for graph in (GRAPHS if round_ % 2 == 0 else GRAPHS[::-1]):
+                print(f"== served {label}, {graph}, round {round_ + 1}", flush=True)
+                server = ServedImage(image, model_dir, {
+                    "SAGEMAKER_MODEL_SERVER_WORKERS": str(workers), "KENNEL_ORT_THREADS": str(threads),
+                    "KENNEL_ORT_SOLO_THREADS": str(solo), "KENNEL_PRECISION": graph})
+                try:
+                    first_answer(server, payloads[0])
+                    url = server.container_url()
+                    if (answered := answered_by(url, payloads[0])) != graph:
+                        raise RuntimeError(f"KENNEL_PRECISION={graph} but the answer came from {answered!r}")
+                    sequential(url, payloads, 10)  # warm every worker's sessions
+                    figures[graph]["p50_s"].append(sequential(url, payloads, requests)[0])
+                    steps = saturation(url, payloads, workers, seconds)
+                    figures[graph]["throughput"].append(max(step["throughput"] for step in steps.values()))
+                finally:
+                    server.stop()
+    return results
+
+
 def cpu_flags() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -107,39 +167,74 @@ def cpu_flags() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser = argparse.ArgumentParser(prog="kennel-bench-int8", description=__doc__.split("\n\n")[0])
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", type=Path, help="a model directory with model.int8.onnx")
+    model.add_argument("--random", metavar="ARCH", help="make a random-weight model of the original's shape (resnet50)")
+    parser.add_argument("--data", type=Path, help="a dataset with valid/ and test/: also compare accuracy")
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds per saturation step")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--image", default=os.environ.get("KENNEL_SERVE_IMAGE", "kennel-serve:latest"))
+    parser.add_argument("--layouts", default="2x1/2,1x2,2x1",
+                        help="serving layouts to compare in the image ('' skips the served comparison)")
+    parser.add_argument("--requests", type=int, default=60, help="sequential requests per served round")
     args = parser.parse_args(argv)
-    if not kennel_artifact.load(args.model).has_int8:
-        print(f"kennel-bench-int8: error: {args.model} has no {kennel_artifact.INT8_FILE}", file=sys.stderr)
-        return 1
+    if args.random and args.data:
+        parser.error("--data compares a trained model's accuracy: not with --random")
+    with tempfile.TemporaryDirectory(prefix="kennel-bench-int8-") as scratch:
+        if args.random:
+            print(f"writing a random {args.random} (133 classes) and its INT8 graph ...", flush=True)
+            args.model = random_int8_model(Path(scratch) / "model", args.random, Path(scratch))
+            os.chmod(scratch, 0o755)  # the image's unprivileged user reads the mount
+        elif not kennel_artifact.load(args.model).has_int8:
+            print(f"kennel-bench-int8: error: {args.model} has no {kennel_artifact.INT8_FILE}", file=sys.stderr)
+            return 1
+        return compare_all(args)
+
+
+def compare_all(args: argparse.Namespace) -> int:
     cpus = len(os.sched_getaffinity(0))
     print(f"CPU flags: {cpu_flags()}; {cpus} usable CPUs; {os.getloadavg()[0]:.1f} load average at start\n")
-    print("| split | images | FP32 top-1 | INT8 top-1 | agreement | max abs score diff | max abs probability diff |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for split, result in accuracy(args.model, args.data).items():
-        print(f"| {split} | {result.images} | {result.fp32_top1:.4f} | {result.int8_top1:.4f} | {result.agreement:.4f} "
-              f"| {result.max_abs_logit_diff:.3f} | {result.max_abs_probability_diff:.3f} |")
+    if args.data:
+        print("| split | images | FP32 top-1 | INT8 top-1 | agreement | max abs score diff | max abs probability diff |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for split, result in accuracy(args.model, args.data).items():
+            print(f"| {split} | {result.images} | {result.fp32_top1:.4f} | {result.int8_top1:.4f} "
+                  f"| {result.agreement:.4f} | {result.max_abs_logit_diff:.3f} | {result.max_abs_probability_diff:.3f} |")
     rates: dict[str, list[float]] = {graph: [] for graph in GRAPHS}
     latency: dict[str, list[float]] = {graph: [] for graph in GRAPHS}
     for round_ in range(args.rounds):
         for graph in (GRAPHS if round_ % 2 == 0 else GRAPHS[::-1]):
             rates[graph].append(saturation(args.model, graph, args.seconds, cpus))
             latency[graph].append(alone(args.model, graph, cpus))
-    print(f"\n| graph | images/s at saturation ({cpus} workers x 1 thread), per round | "
+    print(f"\nEngine, no HTTP:\n\n| graph | images/s at saturation ({cpus} workers x 1 thread), per round | "
           f"p50 alone ({cpus} threads), ms, per round |")
     print("| --- | --- | --- |")
     for graph in GRAPHS:
-        print(f"| {graph.upper()} | {', '.join(f'{r:.1f}' for r in rates[graph])} | "
-              f"{', '.join(f'{s * 1000:.1f}' for s in latency[graph])} |")
-    speedups = [i / f for i, f in zip(rates["int8"], rates["fp32"])]
-    faster = [f / i for i, f in zip(latency["int8"], latency["fp32"])]
-    print(f"\nINT8 / FP32 throughput per round: {', '.join(f'{s:.2f}' for s in speedups)}; "
-          f"p50 FP32 / INT8 per round: {', '.join(f'{s:.2f}' for s in faster)}")
+        print(f"| {graph.upper()} | {per_round(rates[graph])} | {per_round(latency[graph], 1000)} |")
+    print(f"\nINT8 / FP32 throughput per round: {ratios(rates['int8'], rates['fp32'])}; "
+          f"p50 FP32 / INT8 per round: {ratios(latency['fp32'], latency['int8'])}")
+    if args.layouts.strip():
+        layouts = served(args.model, args.image, args.layouts, args.rounds, args.requests, args.seconds)
+        print(f"\nServed by {args.image}, POST /invocations of 500x375 JPEGs:\n\n"
+              "| layout | FP32 p50, ms | INT8 p50, ms | FP32 / INT8 p50 | FP32 images/s | INT8 images/s "
+              "| INT8 / FP32 throughput |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for label, figures in layouts.items():
+            fp32, int8 = figures["fp32"], figures["int8"]
+            print(f"| {label} | {per_round(fp32['p50_s'], 1000)} | {per_round(int8['p50_s'], 1000)} "
+                  f"| {ratios(fp32['p50_s'], int8['p50_s'])} | {per_round(fp32['throughput'])} "
+                  f"| {per_round(int8['throughput'])} | {ratios(int8['throughput'], fp32['throughput'])} |")
+    print(f"\n{os.getloadavg()[0]:.1f} load average at the end")
     return 0
+
+
+def per_round(values: list[float], scale: float = 1.0) -> str:
+    return ", ".join(f"{value * scale:.1f}" for value in values)
+
+
+def ratios(numerators: list[float], denominators: list[float]) -> str:
+    return ", ".join(f"{a / b:.2f}" for a, b in zip(numerators, denominators))
 
 
 if __name__ == "__main__":

@@ -174,6 +174,15 @@ class ServedImage:
         subprocess.run(args + [image, "serve"], check=True, capture_output=True, timeout=120)
         self.url = f"http://127.0.0.1:{self.port}/invocations"
 
+    def container_url(self) -> str:
+        """POST /invocations at the container's own address, past docker's port proxy: only traffic
+        from this host goes through that proxy (the kernel forwards other hosts' requests), and
+        its CPU time per request would be charged to the served model at saturation."""
+        address = subprocess.run(["docker", "inspect", "--format",
+                                  "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", self.name],
+                                 capture_output=True, text=True, timeout=60).stdout.split()
+        return f"http://{address[0]}:8080/invocations" if address else self.url
+
     def stop(self) -> None:
         subprocess.run(["docker", "stop", "--time", "30", self.name], capture_output=True, timeout=120)
 
