@@ -217,6 +217,35 @@ def test_sagemaker_style_run_with_bind_to_port_and_restart(serve_image, model_di
     assert container.state()["Running"]
 
 
+def test_the_image_serves_the_int8_graph_within_tolerance_and_auto_measures_on_this_cpu(serve_image, tmp_path,
+                                                                                     containers):
+    """The image's ONNX Runtime runs model.int8.onnx: pinned, within the documented tolerance of
+    FP32 (docs/serving.md, INT8); auto, the graph it measured faster, named on every answer."""
+    import kennel_artifact
+    from kennel_ops.bench.int8 import random_int8_model
+    from kennel_serve.engine import KennelModel
+
+    model = random_int8_model(tmp_path / "model", "resnet18", tmp_path, classes=5, calibration_images=40)
+    os.chmod(tmp_path, 0o755)  # the image's unprivileged user reads the mount
+    fp32 = KennelModel.load(model, precision_setting="fp32").predict([kennel_artifact.decode_image(PHOTO)])
+    pinned = Container(serve_image, model, env={"KENNEL_PRECISION": "int8"})
+    containers.append(pinned)
+    auto = Container(serve_image, model, env={"KENNEL_PRECISION": "auto"})
+    containers.append(auto)
+    pinned.wait_ready()
+    reply = pinned.invoke(PHOTO)
+    assert reply.status == 200, reply.body
+    assert reply.headers["x-kennel-precision"] == "int8; setting=int8"
+    np.testing.assert_allclose(np.asarray(reply.json()), fp32, rtol=0, atol=0.2 * float(np.abs(fp32).max()))
+
+    auto.wait_ready()
+    precision, setting, speedup = auto.invoke(PHOTO).headers["x-kennel-precision"].split("; ")
+    ratio = float(speedup.removeprefix("speedup="))
+    assert setting == "setting=auto" and precision == ("int8" if ratio >= 1.2 else "fp32")
+    chosen = [line for line in auto.logs().splitlines() if "(KENNEL_PRECISION=auto:" in line]
+    assert len(chosen) == 1 and f"serving the {precision.upper()} graph" in chosen[0], chosen
+
+
 def test_a_model_of_the_original_system_is_converted_and_answers_like_the_original(serve_image, train_image,
                                                                                    tmp_path, containers):
     """The original's model.tar.gz (only model.pth: ResNet-50 + its head, 133 classes) -> the training

@@ -176,6 +176,12 @@ def test_compose_up_train_on_the_bundled_sample(compose_project, tmp_path):
     assert "Testing Loss: " in logs  # the original tuning regex still matches
     metrics = assert_model_artifacts(tmp_path / "model", tmp_path / "output", SAMPLE_BREEDS)
     assert json.dumps(metrics).count("resnet18") >= 1
+    # The image's own quantizer ran (int8 is on by default): a decision with both figures,
+    # whichever way the gate went on a one-epoch model.
+    import kennel_artifact
+    int8 = kennel_artifact.read_manifest(tmp_path / "model").int8
+    assert {"shipped", "reason", "fp32_top1", "int8_top1", "agreement"} <= set(int8), int8
+    assert (tmp_path / "model" / "model.int8.onnx").is_file() == int8["shipped"]
     owners = {p.stat().st_uid for folder in ("model", "output", "checkpoints") for p in (tmp_path / folder).rglob("*")}
     assert owners == {4321}
 

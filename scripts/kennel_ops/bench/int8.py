@@ -98,13 +98,14 @@ def alone(model_dir: Path, graph: str, threads: int, calls: int = 20) -> float:
     return statistics.median(times)
 
 
-def random_int8_model(model_dir: Path, architecture: str, scratch: Path) -> Path:
+def random_int8_model(model_dir: Path, architecture: str, scratch: Path, classes: int = 133,
+                      calibration_images: int = CALIBRATION_IMAGES) -> Path:
     """A random-weight model of the original's shape with an ungated INT8 graph (see the module doc)."""
     from kennel_ops.bench.models import write_random_model
 
-    write_random_model(model_dir, architecture, 133, kennel_artifact.ORIGINAL_EVAL)
+    write_random_model(model_dir, architecture, classes, kennel_artifact.ORIGINAL_EVAL)
     images = sample.generate(scratch / "calibration", classes=5,
-                             counts={"train": CALIBRATION_IMAGES // 5})
+                             counts={"train": max(1, calibration_images // 5)})
     manifest = kennel_artifact.read_manifest(model_dir)
     calibration = [(str(path), 0) for path in sorted((images / "train").rglob("*.jpg"))]
     count = quantize.quantize(model_dir / kennel_artifact.ONNX_FILE, model_dir / kennel_artifact.INT8_FILE,
