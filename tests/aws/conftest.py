@@ -77,8 +77,16 @@ def moto(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 @pytest.fixture
 def aws(moto: MotoServer):
     """boto3 clients on the moto server (for arranging and asserting state)."""
-    session = boto3.Session(region_name=REGION)
-    return lambda service: session.client(service)
+    from kennel_ops.aws.context import new_session
+
+    session, clients = new_session(region=REGION), {}
+
+    def client(service: str):
+        if service not in clients:
+            clients[service] = session.client(service)
+        return clients[service]
+
+    return client
 
 
 @pytest.fixture
@@ -222,7 +230,17 @@ def tiny_images(docker_client):
 
 @pytest.fixture
 def staged(moto, aws, cli):
-    """Data in the original layout, both repositories with images (the newer one last), the execution role."""
+    """Data in the original layout, both repositories with an image, the execution role."""
+    stage(moto, aws, cli, older_images=False)
+
+
+@pytest.fixture
+def staged_with_older_images(moto, aws, cli):
+    """As ``staged``, each repository also holding an older image pushed a second earlier."""
+    stage(moto, aws, cli, older_images=True)
+
+
+def stage(moto, aws, cli, older_images: bool) -> None:
     s3 = aws("s3")
     s3.create_bucket(Bucket=BUCKET)
     for split in ("train", "valid", "test"):
@@ -231,9 +249,10 @@ def staged(moto, aws, cli):
     ecr = aws("ecr")
     for repository in ("kennel-train", "kennel-serve"):
         ecr.create_repository(repositoryName=repository)
-    put_image(ecr, "kennel-train", "1.0.0-aaaaaaaaaaaa")
-    put_image(ecr, "kennel-serve", "1.0.0-aaaaaaaaaaaa")
-    time.sleep(1.1)  # ECR's imagePushedAt has one-second resolution
+    if older_images:
+        put_image(ecr, "kennel-train", "1.0.0-aaaaaaaaaaaa")
+        put_image(ecr, "kennel-serve", "1.0.0-aaaaaaaaaaaa")
+        time.sleep(1.1)  # moto's imagePushedAt has one-second resolution
     put_image(ecr, "kennel-train", "1.0.1-bbbbbbbbbbbb")
     put_image(ecr, "kennel-serve", "1.0.1-bbbbbbbbbbbb")
     status, _, err = cli("role", "--bucket", BUCKET)

@@ -76,7 +76,7 @@ def train_args(metric_definitions, *extra: str) -> list[str]:
             *extra]
 
 
-def test_train_original_layout_with_spot_twice(cli, moto, aws, staged, metric_definitions):
+def test_train_original_layout_with_spot_twice(cli, moto, aws, staged_with_older_images, metric_definitions):
     argv = train_args(metric_definitions, "--job-name", "kennel-t1", "-p", "epochs=2", "-p", "learning_rate=0.01",
                       "--spot", "--max-runtime", "3600", "--tags", "team=ml", "--pretrained", WEIGHTS)
     status, out, err = cli(*argv)

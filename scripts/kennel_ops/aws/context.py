@@ -18,6 +18,8 @@ from functools import cached_property
 from typing import Any, Callable, TextIO
 
 import boto3
+import botocore.loaders
+import botocore.session
 from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import ClientError
@@ -93,6 +95,22 @@ class Console:
         print(message, file=self.out, flush=True)
 
 
+# Parsing the JSON service models is most of what creating a client costs (sagemaker's is
+# megabytes): every session of this process shares one loader, which keeps them parsed. A
+# command makes one session; a process that runs many (kennel-local-runtime, the tests)
+# parses each model once.
+_MODEL_LOADER = botocore.loaders.create_loader(os.environ.get("AWS_DATA_PATH"))
+
+
+def new_session(profile: str | None = None, region: str | None = None) -> boto3.Session:
+    core = botocore.session.Session()
+    core.register_component("data_loader", _MODEL_LOADER)
+    session = boto3.Session(botocore_session=core, profile_name=profile, region_name=region)
+    # boto3 appends its own data folder to the loader's search path for every new session.
+    _MODEL_LOADER.search_paths[:] = list(dict.fromkeys(_MODEL_LOADER.search_paths))
+    return session
+
+
 class Aws:
     """One account + region, as the shared flags chose it."""
 
@@ -101,7 +119,7 @@ class Aws:
                  session: boto3.Session | None = None) -> None:
         # botocore reads AWS_DEFAULT_REGION; AWS_REGION (what Lambda and the newer SDKs set) is accepted too.
         region = region or os.environ.get("AWS_REGION") or None
-        self.session = session or boto3.Session(profile_name=profile, region_name=region)
+        self.session = session or new_session(profile, region)
         if not self.session.region_name:
             raise CliError("no AWS region: pass --region, set AWS_DEFAULT_REGION or give the profile a region")
         self.dry_run = dry_run
