@@ -24,11 +24,10 @@ import multiprocessing
 import os
 import statistics
 import sys
-import time
-from pathlib import Path
-
 import tempfile
+import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
