@@ -1,21 +1,31 @@
 """INT8 against FP32 on one host, side by side in one run: accuracy, agreement, serving speed.
 
-    kennel-bench-int8 --model DIR --data DATASET [--seconds 20] [--rounds 2]
+    kennel-bench-int8 --model DIR [--data DATASET] [--layouts 2x1/2,1x2,2x1] [--seconds 20] [--rounds 2]
+    kennel-bench-int8 --random resnet50 [--layouts ...]
 
 DIR is a model directory holding model.int8.onnx (a training job's or convert's
 output); DATASET holds valid/ and test/ (one folder per class, the model's
-classes). Prints markdown tables:
+classes). ``--random ARCH`` makes one instead (torch needed): random weights, the
+original's head and 133 classes, the INT8 graph calibrated on 200 generated
+images and shipped without the gate (its accuracy means nothing; its speed is a
+trained model's). Prints markdown tables:
 
-- accuracy: top-1 of each graph, their top-1 agreement and their largest score and
-  probability differences, on valid/ and on test/;
-- saturation: images per second with one single-threaded engine per CPU, each in
-  its own process, all busy at once (the server's default layout: one worker per
-  CPU), preprocessing and forward of a decoded 500x375 photo, no HTTP;
-- alone: the median seconds of one such request on an engine with a thread per
-  CPU (the solo session), the CPU otherwise idle.
+- accuracy (with --data): top-1 of each graph, their top-1 agreement and their
+  largest score and probability differences, on valid/ and on test/;
+- engine, no HTTP: images per second at saturation, one single-threaded engine
+  per CPU, each in its own process, all busy at once (the server's default
+  layout), preprocessing and forward of a decoded 500x375 photo; and the median
+  of one such request alone on an engine with a thread per CPU (the solo session);
+- served, per layout (WxT/S as kennel-bench-serve names them): the serving image
+  run with KENNEL_PRECISION pinned to each graph in turn (the first answer's
+  X-Kennel-Precision must name it; every worker serves the graph the first one
+  chose), p50 of sequential POST /invocations of 500x375 JPEGs to the
+  container's own address and the best throughput at 1, 2 and 4 requests per
+  worker in flight. The load generator shares this host's CPUs: its cost per
+  request, the same for both graphs, weighs more beside INT8's shorter forward.
+  ``--layouts ''`` skips it.
 
-Rounds alternate the order of the two graphs. Imports only the containers'
-packages, the standard library, numpy and ONNX Runtime.
+Rounds alternate the order of the two graphs.
 """
 from __future__ import annotations
 
@@ -38,6 +48,11 @@ from kennel_train import data, quantize, sample
 
 GRAPHS = ("fp32", "int8")
 CALIBRATION_IMAGES = 200
+
+
+def in_turn(round_: int) -> tuple[str, ...]:
+    """The graphs in this round's order: every other round starts with INT8."""
+    return GRAPHS if round_ % 2 == 0 else GRAPHS[::-1]
 
 
 def photo() -> Image.Image:
@@ -135,7 +150,7 @@ def served(model_dir: Path, image: str, layouts: str, rounds: int, requests: int
         label = layout_label(workers, threads, solo)
         figures = results[label] = {graph: {"p50_s": [], "throughput": []} for graph in GRAPHS}
         for round_ in range(rounds):
-            for graph in (GRAPHS if round_ % 2 == 0 else GRAPHS[::-1]):
+            for graph in in_turn(round_):
                 print(f"== served {label}, {graph}, round {round_ + 1}", flush=True)
                 server = ServedImage(image, model_dir, {
                     "SAGEMAKER_MODEL_SERVER_WORKERS": str(workers), "KENNEL_ORT_THREADS": str(threads),
@@ -204,7 +219,7 @@ def compare_all(args: argparse.Namespace) -> int:
     rates: dict[str, list[float]] = {graph: [] for graph in GRAPHS}
     latency: dict[str, list[float]] = {graph: [] for graph in GRAPHS}
     for round_ in range(args.rounds):
-        for graph in (GRAPHS if round_ % 2 == 0 else GRAPHS[::-1]):
+        for graph in in_turn(round_):
             rates[graph].append(saturation(args.model, graph, args.seconds, cpus))
             latency[graph].append(alone(args.model, graph, cpus))
     print(f"\nEngine, no HTTP:\n\n| graph | images/s at saturation ({cpus} workers x 1 thread), per round | "
